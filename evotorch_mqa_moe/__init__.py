@@ -1,0 +1,1 @@
+"""Evolve multi-query-attention / mixture-of-experts transformers with EvoTorch."""

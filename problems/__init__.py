@@ -1,0 +1,1 @@
+"""Example problems (installed as ``evotorch_mqa_moe.problems``)."""
