@@ -1,0 +1,592 @@
+"""The MQA/MoE transformer, written once for one network and for a whole population.
+
+Every layer is a function over weights that may carry one leading population
+axis ``P``: the :class:`MQAMoETransformer` module calls them with its own
+parameters (no population axis), :func:`population_forward` with views sliced
+out of a flat ``(P, N)`` matrix of solutions. Both therefore run the same code.
+
+Shape legend: ``P`` population, ``B`` batch, ``T`` sequence length, ``M = B*T``
+token rows, ``D`` embed_dim, ``H`` query heads, ``K`` key/value heads,
+``G = H // K`` query heads per key/value head, ``hd`` head_dim, ``E`` experts,
+``F`` expert_dim, ``O`` output_dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import TransformerConfig
+
+__all__ = [
+    "MultiQueryAttention",
+    "MixtureOfExperts",
+    "EncoderLayer",
+    "MQAMoETransformer",
+    "PopulationModel",
+    "population_forward",
+    "parameter_layout",
+    "num_parameters",
+    "default_chunk_size",
+]
+
+
+# ----------------------------------------------------------------------------
+# Layer math over weights with an optional leading population axis.
+# Activations are (M, D) for one network and (P, M, D) for a population; weight
+# matrices are (D_in, D_out) or (P, D_in, D_out); vectors (D,) or (P, D).
+# ----------------------------------------------------------------------------
+
+
+def _row(vector: Tensor) -> Tensor:
+    """(..., D) -> (..., 1, D): a per-network vector that broadcasts over token rows."""
+    return vector.unsqueeze(-2)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``x @ weight + bias``: (..., M, I) x (..., I, O) -> (..., M, O), one GEMM per network."""
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    return torch.baddbmm(_row(bias), x, weight)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last axis with per-network affine weights."""
+    return torch.addcmul(_row(bias), F.layer_norm(x, x.shape[-1:], eps=eps), _row(weight))
+
+
+def _fold_mask(seq_len: int, group: int, device: torch.device) -> Tensor:
+    """Causal mask for queries folded as (G*T) rows: row g*T + t may see keys <= t."""
+    t = torch.arange(seq_len, device=device)
+    return (t[None, :] <= t[:, None]).repeat(group, 1)  # (G*T, T)
+
+
+def attention(
+    x: Tensor,
+    w_qkv: Tensor,
+    b_qkv: Tensor,
+    w_out: Tensor,
+    b_out: Tensor,
+    config: TransformerConfig,
+    batch: int,
+) -> Tensor:
+    """Multi-query (grouped-query) self-attention on token rows.
+
+    Args:
+        x: (M, D) or (P, M, D) with M = batch * T.
+        w_qkv: fused projection (D, (H + 2K) * hd), with optional leading P.
+        b_qkv: ((H + 2K) * hd,), optional leading P.
+        w_out, b_out: output projection (H * hd, D) and (D,).
+    Returns:
+        Same shape as ``x``.
+
+    The G query heads that share one key/value head are folded into the query
+    rows, (G*T, hd) against (T, hd), instead of repeating keys and values.
+    """
+    H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    G = H // K
+    lead = x.shape[:-2]
+    n = len(lead)
+    T = x.shape[-2] // batch
+    qkv = linear(x, w_qkv, b_qkv)  # (*lead, M, (H + 2K) * hd)
+    q, k, v = qkv.split([H * hd, K * hd, K * hd], dim=-1)
+    # queries: (*lead, B, T, K, G, hd) -> (*lead, B, K, G*T, hd)
+    q = q.reshape(*lead, batch, T, K, G, hd).permute(*range(n), n, n + 2, n + 3, n + 1, n + 4)
+    q = q.reshape(*lead, batch, K, G * T, hd)
+    # keys and values: (*lead, B, T, K, hd) -> (*lead, B, K, T, hd)
+    k = k.reshape(*lead, batch, T, K, hd).transpose(-3, -2)
+    v = v.reshape(*lead, batch, T, K, hd).transpose(-3, -2)
+    mask = _fold_mask(T, G, x.device) if config.causal else None
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(hd)
+    # (*lead, B, K, G*T, hd) -> (*lead, B, T, K, G, hd) -> (*lead, M, H * hd)
+    y = y.reshape(*lead, batch, K, G, T, hd).permute(*range(n), n, n + 3, n + 1, n + 2, n + 4)
+    y = y.reshape(*lead, batch * T, H * hd)
+    return linear(y, w_out, b_out)
+
+
+def gate_weights(logits: Tensor, top_k: int | None) -> Tensor:
+    """Expert weights (..., E) from gate logits: dense softmax, or softmax over the top k."""
+    if top_k is None:
+        return logits.softmax(dim=-1)
+    top, index = logits.topk(top_k, dim=-1)
+    return torch.zeros_like(logits).scatter_(-1, index, top.softmax(dim=-1))
+
+
+def mixture_of_experts(
+    x: Tensor,
+    w_gate: Tensor,
+    b_gate: Tensor,
+    w_in: Tensor,
+    b_in: Tensor,
+    w_out: Tensor,
+    b_out: Tensor,
+    config: TransformerConfig,
+) -> Tensor:
+    """Gated mixture of expert MLPs on token rows.
+
+    Args:
+        x: (M, D) or (P, M, D).
+        w_gate, b_gate: (D, E), (E,).
+        w_in, b_in: (D, E, F), (E, F): input dim first, so all experts'
+            first layers run as one (M, D) x (D, E*F) GEMM.
+        w_out, b_out: (E, F, D), (E, D): the second layers, run as one
+            (M, E*F) x (E*F, D) GEMM on gate-weighted hidden units.
+    Returns:
+        Same shape as ``x``: ``sum_e gate_e * expert_e(x)``.
+
+    With ``top_k`` the unchosen experts get weight exactly 0; all experts are
+    still computed, which for a handful of small experts is faster than
+    gathering tokens per expert and keeps the pass a fixed set of GEMMs.
+    """
+    E, Fd, D = config.num_experts, config.expert_dim, config.embed_dim
+    lead = x.shape[:-2]
+    M = x.shape[-2]
+    gates = gate_weights(linear(x, w_gate, b_gate), config.top_k)  # (*lead, M, E)
+    hidden = linear(x, w_in.flatten(-2), b_in.flatten(-2))  # (*lead, M, E*F)
+    hidden = F.gelu(hidden) if config.activation == "gelu" else F.relu(hidden)
+    hidden = (hidden.view(*lead, M, E, Fd) * gates.unsqueeze(-1)).view(*lead, M, E * Fd)
+    out = torch.matmul(hidden, w_out.reshape(*w_out.shape[:-3], E * Fd, D))
+    return out.add_(torch.matmul(gates, b_out))  # gate-weighted expert biases
+
+
+def sinusoidal_positions(seq_len: int, dim: int, device=None, dtype=None) -> Tensor:
+    """The fixed sine/cosine position code of Vaswani et al. (2017): (T, D)."""
+    position = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None]
+    freq = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / dim)
+    )
+    table = torch.zeros(seq_len, dim, device=device, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: dim // 2])
+    return table.to(dtype or torch.get_default_dtype())
+
+
+def transformer_forward(
+    config: TransformerConfig, weights: Mapping[str, Tensor], inputs: Tensor
+) -> Tensor:
+    """The whole network on validated inputs.
+
+    Args:
+        weights: parameter name -> tensor, named as in :class:`MQAMoETransformer`,
+            each with no leading axis (one network) or a leading population axis P.
+        inputs: tokens (B, T) or (P, B, T); vectors (B, T, I) or (P, B, T, I);
+            a leading P only when the weights have one.
+    Returns:
+        (B, T, O), or (B, O) when pooled, with the weights' leading P in front.
+    """
+    c = config
+    pop = weights["head.weight"].dim() == 3
+    shared = inputs.dim() == (2 if c.token_inputs else 3)
+    B, T = inputs.shape[-2:] if c.token_inputs else inputs.shape[-3:-1]
+    # --- embedding: (*lead, M, D)
+    if c.token_inputs:
+        table = weights["embed.weight"]  # (V, D) or (P, V, D)
+        if not pop:
+            x = F.embedding(inputs.reshape(B * T), table)
+        elif shared:
+            x = table[:, inputs.reshape(B * T)]
+        else:
+            rows = torch.arange(table.shape[0], device=inputs.device)[:, None]
+            x = table[rows, inputs.reshape(-1, B * T)]
+    else:
+        vec = inputs.reshape(*inputs.shape[:-3], B * T, inputs.shape[-1])
+        if pop and shared:
+            vec = vec.expand(weights["embed.weight"].shape[0], *vec.shape)
+        x = linear(vec, weights["embed.weight"], weights["embed.bias"])
+    lead = x.shape[:-2]
+    if c.positional in ("learned", "both"):
+        pos = weights["pos_embed"][..., :T, :]  # (T, D) or (P, T, D)
+        x = (x.view(*lead, B, T, -1) + pos.unsqueeze(-3)).view(*lead, B * T, -1)
+    if c.positional in ("sinusoidal", "both"):
+        table = sinusoidal_positions(T, c.embed_dim, x.device, x.dtype)
+        x = (x.view(*lead, B, T, -1) + table).view(*lead, B * T, -1)
+    # --- encoder layers
+    for i in range(c.num_layers):
+        prefix = f"layers.{i}."
+        w = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        x = encoder_layer(x, w, c, B)
+    if c.norm == "pre":
+        x = layer_norm(x, weights["final_norm.weight"], weights["final_norm.bias"], c.norm_eps)
+    # --- pooling and head
+    if c.pooling is not None:
+        seq = x.view(*lead, B, T, -1)
+        if c.pooling == "mean":
+            x = seq.mean(dim=-2)
+        else:
+            x = seq[..., 0 if c.pooling == "first" else -1, :]
+        return linear(x, weights["head.weight"], weights["head.bias"])  # (*lead, B, O)
+    out = linear(x, weights["head.weight"], weights["head.bias"])
+    return out.view(*lead, B, T, c.output_dim)
+
+
+def encoder_layer(x: Tensor, w: Mapping[str, Tensor], c: TransformerConfig, batch: int) -> Tensor:
+    """One encoder layer (attention + mixture of experts) on token rows (*lead, M, D)."""
+
+    def attn(h: Tensor) -> Tensor:
+        return attention(h, w["attn.qkv_weight"], w["attn.qkv_bias"], w["attn.out_weight"],
+                         w["attn.out_bias"], c, batch)
+
+    def moe(h: Tensor) -> Tensor:
+        return mixture_of_experts(h, w["moe.gate_weight"], w["moe.gate_bias"],
+                                  w["moe.in_weight"], w["moe.in_bias"], w["moe.out_weight"],
+                                  w["moe.out_bias"], c)
+
+    def norm(h: Tensor, which: str) -> Tensor:
+        return layer_norm(h, w[f"{which}.weight"], w[f"{which}.bias"], c.norm_eps)
+
+    if c.norm == "pre":
+        x = x + attn(norm(x, "norm1"))
+        return x + moe(norm(x, "norm2"))
+    x = norm(x + attn(x), "norm1")
+    return norm(x + moe(x), "norm2")
+
+
+# ----------------------------------------------------------------------------
+# nn.Module front door
+# ----------------------------------------------------------------------------
+
+
+def _uniform_(tensor: Tensor, fan_in: int) -> Tensor:
+    """nn.Linear's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound)
+
+
+def _param(*shape: int, fan_in: int | None, device=None, dtype=None) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
+    if fan_in is not None and p.device.type != "meta":
+        _uniform_(p, fan_in)
+    return p
+
+
+class _LayerNorm(nn.Module):
+    def __init__(self, dim: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+
+
+class MultiQueryAttention(nn.Module):
+    """Self-attention where all query heads share ``num_kv_heads`` key/value heads.
+
+    Parameters: ``qkv_weight`` (D, (H + 2K) * hd) fusing the query, key and value
+    projections (in that order), ``qkv_bias``, ``out_weight`` (H * hd, D), ``out_bias``.
+    Input and output: (B, T, D).
+    """
+
+    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        D, width = config.embed_dim, (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        kw = dict(device=device, dtype=dtype)
+        self.qkv_weight = _param(D, width, fan_in=D, **kw)
+        self.qkv_bias = _param(width, fan_in=D, **kw)
+        self.out_weight = _param(config.num_heads * config.head_dim, D, fan_in=D, **kw)
+        self.out_bias = _param(D, fan_in=D, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        y = attention(x.reshape(B * T, D), self.qkv_weight, self.qkv_bias, self.out_weight,
+                      self.out_bias, self.config, B)
+        return y.view(B, T, D)
+
+
+class MixtureOfExperts(nn.Module):
+    """A softmax gate (dense or top-k) over ``num_experts`` two-layer MLPs, per token.
+
+    Parameters: ``gate_weight`` (D, E), ``gate_bias`` (E,), ``in_weight`` (D, E, F),
+    ``in_bias`` (E, F), ``out_weight`` (E, F, D), ``out_bias`` (E, D).
+    Input and output: (B, T, D).
+    """
+
+    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        D, E, Fd = config.embed_dim, config.num_experts, config.expert_dim
+        kw = dict(device=device, dtype=dtype)
+        self.gate_weight = _param(D, E, fan_in=D, **kw)
+        self.gate_bias = _param(E, fan_in=D, **kw)
+        self.in_weight = _param(D, E, Fd, fan_in=D, **kw)
+        self.in_bias = _param(E, Fd, fan_in=D, **kw)
+        self.out_weight = _param(E, Fd, D, fan_in=Fd, **kw)
+        self.out_bias = _param(E, D, fan_in=Fd, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        y = mixture_of_experts(x.reshape(B * T, D), self.gate_weight, self.gate_bias,
+                               self.in_weight, self.in_bias, self.out_weight, self.out_bias,
+                               self.config)
+        return y.view(B, T, D)
+
+
+class EncoderLayer(nn.Module):
+    """Attention then mixture of experts, each with a residual and LayerNorm (pre or post)."""
+
+    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.norm1 = _LayerNorm(config.embed_dim, device, dtype)
+        self.attn = MultiQueryAttention(config, device, dtype)
+        self.norm2 = _LayerNorm(config.embed_dim, device, dtype)
+        self.moe = MixtureOfExperts(config, device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        return encoder_layer(x.reshape(B * T, D), dict(self.named_parameters()), self.config,
+                             B).view(B, T, D)
+
+
+class _Embedding(nn.Module):
+    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+        super().__init__()
+        D = config.embed_dim
+        if config.token_inputs:
+            # nn.Embedding's N(0, 1): on the scale of the sinusoidal code.
+            self.weight = nn.Parameter(torch.empty(config.vocab_size, D, device=device,
+                                                   dtype=dtype))
+            if self.weight.device.type != "meta":
+                nn.init.normal_(self.weight)
+        else:
+            self.weight = _param(config.input_dim, D, fan_in=config.input_dim, device=device,
+                                 dtype=dtype)
+            self.bias = _param(D, fan_in=config.input_dim, device=device, dtype=dtype)
+
+
+class _Head(nn.Module):
+    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+        super().__init__()
+        D = config.embed_dim
+        self.weight = _param(D, config.output_dim, fan_in=D, device=device, dtype=dtype)
+        self.bias = _param(config.output_dim, fan_in=D, device=device, dtype=dtype)
+
+
+class MQAMoETransformer(nn.Module):
+    """A transformer encoder of multi-query attention and mixture-of-experts layers.
+
+    ``forward(inputs)``: tokens (B, T) (or vectors (B, T, input_dim)) ->
+    (B, T, output_dim), or (B, output_dim) when ``config.pooling`` is set.
+
+    The parameters are registered in the order of the flat solution vectors that
+    EvoTorch evolves (``parameters_to_vector(model.parameters())``), so
+    ``vector_to_parameters(values[i], model.parameters())`` gives the network that
+    :func:`population_forward` evaluated as row ``i``.
+    """
+
+    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = _Embedding(config, device, dtype)
+        if config.positional in ("learned", "both"):
+            self.pos_embed = nn.Parameter(torch.empty(config.max_seq_len, config.embed_dim,
+                                                      device=device, dtype=dtype))
+            if self.pos_embed.device.type != "meta":
+                nn.init.normal_(self.pos_embed, std=0.5)
+        self.layers = nn.ModuleList(EncoderLayer(config, device, dtype)
+                                    for _ in range(config.num_layers))
+        if config.norm == "pre":
+            self.final_norm = _LayerNorm(config.embed_dim, device, dtype)
+        self.head = _Head(config, device, dtype)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        check_inputs(self.config, inputs, popsize=None)
+        return transformer_forward(self.config, dict(self.named_parameters()), inputs)
+
+
+# ----------------------------------------------------------------------------
+# Population front door
+# ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def parameter_layout(config: TransformerConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) of every parameter, in flat-vector (registration) order."""
+    model = MQAMoETransformer(config, device="meta")
+    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
+
+
+def num_parameters(config: TransformerConfig) -> int:
+    """N, the length of one solution vector."""
+    return sum(math.prod(shape) for _, shape in parameter_layout(config))
+
+
+def check_inputs(config: TransformerConfig, inputs: Tensor, popsize: int | None) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the problem if ``inputs`` do not fit."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    base = 2 if config.token_inputs else 3
+    what = "tokens (B, T)" if config.token_inputs else f"vectors (B, T, {config.input_dim})"
+    ranks = (base,) if popsize is None else (base, base + 1)
+    if inputs.dim() not in ranks:
+        per = "" if popsize is None else f" or per individual (P={popsize}, ...)"
+        raise ValueError(f"inputs must be {what}{per}, got shape {tuple(inputs.shape)}")
+    if popsize is not None and inputs.dim() == base + 1 and inputs.shape[0] != popsize:
+        raise ValueError(
+            f"per-individual inputs have {inputs.shape[0]} rows but the population has {popsize}"
+        )
+    T = inputs.shape[-1] if config.token_inputs else inputs.shape[-2]
+    if T < 1 or T > config.max_seq_len:
+        raise ValueError(f"sequence length {T} is outside [1, max_seq_len={config.max_seq_len}]")
+    if inputs.numel() == 0:
+        raise ValueError(f"inputs are empty: shape {tuple(inputs.shape)}")
+    if config.token_inputs:
+        if inputs.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"token inputs must be an integer tensor, got dtype {inputs.dtype}")
+        lo, hi = int(inputs.min()), int(inputs.max())
+        if lo < 0 or hi >= config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside [0, vocab_size={config.vocab_size})")
+    else:
+        if not inputs.is_floating_point():
+            raise TypeError(f"vector inputs must be floating point, got dtype {inputs.dtype}")
+        if inputs.shape[-1] != config.input_dim:
+            raise ValueError(
+                f"vector inputs have width {inputs.shape[-1]}, "
+                f"expected input_dim={config.input_dim}"
+            )
+
+
+def _bytes_per_individual(config: TransformerConfig, rows: int, element_size: int) -> int:
+    """Rough activation bytes one individual needs at once during the pass."""
+    c = config
+    widest = max(
+        c.num_experts * c.expert_dim * 2,  # expert hidden units (pre and post activation)
+        (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim,
+        c.output_dim,
+    )
+    scores = c.num_heads * (rows // max(1, c.max_seq_len)) * c.max_seq_len  # attention scores
+    return (rows * (widest + 4 * c.embed_dim) + rows * scores // max(rows, 1)) * element_size
+
+
+def default_chunk_size(config: TransformerConfig, rows: int, device: torch.device | str,
+                       dtype: torch.dtype = torch.float32, memory_budget: int | None = None) -> int:
+    """How many individuals to run at once so activations stay within ``memory_budget`` bytes.
+
+    The default budget keeps a chunk's expert hidden tensor in a CPU's cache
+    (measured in bench/forward.py: chunks of ~16 at config A beat one big batch)
+    and is far larger on accelerators, where big batches pay.
+    """
+    if memory_budget is None:
+        memory_budget = (2 << 30) if torch.device(device).type != "cpu" else (16 << 20)
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be positive, got {memory_budget}")
+    per = _bytes_per_individual(config, rows, torch.empty(0, dtype=dtype).element_size())
+    return max(1, memory_budget // max(per, 1))
+
+
+def _weight_views(config: TransformerConfig, params: Tensor) -> dict[str, Tensor]:
+    """name -> (P, *shape) views into the (P, N) matrix (no copies)."""
+    views, offset = {}, 0
+    for name, shape in parameter_layout(config):
+        size = math.prod(shape)
+        views[name] = params[:, offset : offset + size].view(params.shape[0], *shape)
+        offset += size
+    return views
+
+
+def population_forward(
+    config: TransformerConfig,
+    params: Tensor,
+    inputs: Tensor,
+    *,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """Evaluate a whole population of networks in one vectorised pass.
+
+    Args:
+        config: the architecture shared by all individuals.
+        params: (P, N) flat parameter vectors, N = :func:`num_parameters`, in the
+            order of ``parameters_to_vector(MQAMoETransformer(config).parameters())``.
+        inputs: shared by all individuals, tokens (B, T) / vectors (B, T, I), or
+            one batch per individual, (P, B, T) / (P, B, T, I).
+        chunk_size: individuals per vectorised chunk; default from ``memory_budget``.
+        memory_budget: activation bytes a chunk may use (see :func:`default_chunk_size`).
+    Returns:
+        (P, B, T, O), or (P, B, O) when the config pools. Row ``i`` equals
+        ``MQAMoETransformer(config)`` loaded with ``params[i]`` applied to the inputs.
+    """
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+    if not isinstance(params, Tensor) or params.dim() != 2:
+        shape = tuple(params.shape) if isinstance(params, Tensor) else type(params).__name__
+        raise ValueError(f"params must be a (P, N) tensor, got {shape}")
+    N = num_parameters(config)
+    if params.shape[1] != N:
+        raise ValueError(f"params have {params.shape[1]} columns; this config has N={N} parameters")
+    if not params.is_floating_point():
+        raise TypeError(f"params must be floating point, got dtype {params.dtype}")
+    P = params.shape[0]
+    if P == 0:
+        raise ValueError("params hold no individuals (P=0)")
+    check_inputs(config, inputs, popsize=P)
+    if inputs.device != params.device:
+        raise ValueError(f"inputs are on {inputs.device} but params on {params.device}")
+    if params.stride(-1) != 1:
+        params = params.contiguous()
+    if not config.token_inputs and inputs.dtype != params.dtype:
+        inputs = inputs.to(params.dtype)
+    per_individual = inputs.dim() == (3 if config.token_inputs else 4)
+    if chunk_size is None:
+        B, T = (inputs.shape[-2:] if config.token_inputs else inputs.shape[-3:-1])
+        chunk_size = default_chunk_size(config, B * T, params.device, params.dtype,
+                                        memory_budget)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    outputs = []
+    for start in range(0, P, chunk_size):
+        stop = min(P, start + chunk_size)
+        chunk_inputs = inputs[start:stop] if per_individual else inputs
+        outputs.append(transformer_forward(config, _weight_views(config, params[start:stop]),
+                                           chunk_inputs))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+class PopulationModel:
+    """A population of networks as one callable: ``model(inputs) -> outputs``.
+
+    This is what tasks receive: they sample inputs, call the model and score
+    the outputs, without caring how the population is chunked or where it lives.
+
+    Attributes:
+        config, params (P, N), popsize, device, dtype.
+    """
+
+    def __init__(self, config: TransformerConfig, params: Tensor, *,
+                 chunk_size: int | None = None, memory_budget: int | None = None):
+        if not isinstance(params, Tensor) or params.dim() != 2:
+            raise ValueError("params must be a (P, N) tensor")
+        self.config = config
+        self.params = params
+        self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
+
+    @classmethod
+    def from_module(cls, module: MQAMoETransformer) -> PopulationModel:
+        """A population of one: the given network (its current parameters)."""
+        vector = nn.utils.parameters_to_vector(module.parameters())
+        return cls(module.config, vector.unsqueeze(0))
+
+    @property
+    def popsize(self) -> int:
+        return self.params.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.params.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params.dtype
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        """(B, T[, I]) shared or (P, B, T[, I]) per individual -> (P, B, T, O) or (P, B, O)."""
+        return population_forward(self.config, self.params, inputs, chunk_size=self.chunk_size,
+                                  memory_budget=self.memory_budget)
