@@ -31,6 +31,7 @@ __all__ = [
     "PopulationModel",
     "population_forward",
     "parameter_layout",
+    "init_parameters",
     "num_parameters",
     "default_chunk_size",
 ]
@@ -251,28 +252,56 @@ def encoder_layer(x: Tensor, w: Mapping[str, Tensor], c: TransformerConfig, batc
 # ----------------------------------------------------------------------------
 
 
-def _uniform_(tensor: Tensor, fan_in: int) -> Tensor:
-    """nn.Linear's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    with torch.no_grad():
-        return tensor.uniform_(-bound, bound)
+# Every parameter carries its initialisation rule, so that one network
+# (MQAMoETransformer.reset_parameters) and a whole population
+# (init_parameters) are drawn from exactly the same distributions.
+#   ("uniform", b): U(-b, b), b = 1/sqrt(fan_in), nn.Linear's default
+#   ("normal", s):  N(0, s^2)
+#   ("const", c):   filled with c (LayerNorm weight 1, bias 0)
 
 
-def _param(*shape: int, fan_in: int | None, device=None, dtype=None) -> nn.Parameter:
+def _param(*shape: int, init: tuple[str, float], device=None, dtype=None) -> nn.Parameter:
     p = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
-    if fan_in is not None and p.device.type != "meta":
-        _uniform_(p, fan_in)
+    p.init_rule = init
     return p
+
+
+def _fan_in(fan_in: int) -> tuple[str, float]:
+    return ("uniform", 1.0 / math.sqrt(fan_in))
+
+
+def _apply_init(tensor: Tensor, rule: tuple[str, float], generator=None) -> None:
+    kind, value = rule
+    if kind == "uniform":
+        tensor.uniform_(-value, value, generator=generator)
+    elif kind == "normal":
+        tensor.normal_(0.0, value, generator=generator)
+    else:
+        tensor.fill_(value)
+
+
+class _Initialised(nn.Module):
+    """A module whose parameters carry init rules; ``reset_parameters`` draws them."""
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw fresh weights, in registration order, from ``generator`` (or torch's RNG)."""
+        for p in self.parameters():
+            _apply_init(p, p.init_rule, generator)
+
+    def _init_unless_meta(self, skip: bool) -> None:
+        if not skip and next(self.parameters()).device.type != "meta":
+            self.reset_parameters()
 
 
 class _LayerNorm(nn.Module):
     def __init__(self, dim: int, device=None, dtype=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+        self.weight = _param(dim, init=("const", 1.0), device=device, dtype=dtype)
+        self.bias = _param(dim, init=("const", 0.0), device=device, dtype=dtype)
 
 
-class MultiQueryAttention(nn.Module):
+class MultiQueryAttention(_Initialised):
     """Self-attention where all query heads share ``num_kv_heads`` key/value heads.
 
     Parameters: ``qkv_weight`` (D, (H + 2K) * hd) fusing the query, key and value
@@ -280,15 +309,16 @@ class MultiQueryAttention(nn.Module):
     Input and output: (B, T, D).
     """
 
-    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+    def __init__(self, config: TransformerConfig, device=None, dtype=None, _skip_init=False):
         super().__init__()
         self.config = config
         D, width = config.embed_dim, (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         kw = dict(device=device, dtype=dtype)
-        self.qkv_weight = _param(D, width, fan_in=D, **kw)
-        self.qkv_bias = _param(width, fan_in=D, **kw)
-        self.out_weight = _param(config.num_heads * config.head_dim, D, fan_in=D, **kw)
-        self.out_bias = _param(D, fan_in=D, **kw)
+        self.qkv_weight = _param(D, width, init=_fan_in(D), **kw)
+        self.qkv_bias = _param(width, init=_fan_in(D), **kw)
+        self.out_weight = _param(config.num_heads * config.head_dim, D, init=_fan_in(D), **kw)
+        self.out_bias = _param(D, init=_fan_in(D), **kw)
+        self._init_unless_meta(_skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
@@ -297,7 +327,7 @@ class MultiQueryAttention(nn.Module):
         return y.view(B, T, D)
 
 
-class MixtureOfExperts(nn.Module):
+class MixtureOfExperts(_Initialised):
     """A softmax gate (dense or top-k) over ``num_experts`` two-layer MLPs, per token.
 
     Parameters: ``gate_weight`` (D, E), ``gate_bias`` (E,), ``in_weight`` (D, E, F),
@@ -305,17 +335,18 @@ class MixtureOfExperts(nn.Module):
     Input and output: (B, T, D).
     """
 
-    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+    def __init__(self, config: TransformerConfig, device=None, dtype=None, _skip_init=False):
         super().__init__()
         self.config = config
         D, E, Fd = config.embed_dim, config.num_experts, config.expert_dim
         kw = dict(device=device, dtype=dtype)
-        self.gate_weight = _param(D, E, fan_in=D, **kw)
-        self.gate_bias = _param(E, fan_in=D, **kw)
-        self.in_weight = _param(D, E, Fd, fan_in=D, **kw)
-        self.in_bias = _param(E, Fd, fan_in=D, **kw)
-        self.out_weight = _param(E, Fd, D, fan_in=Fd, **kw)
-        self.out_bias = _param(E, D, fan_in=Fd, **kw)
+        self.gate_weight = _param(D, E, init=_fan_in(D), **kw)
+        self.gate_bias = _param(E, init=_fan_in(D), **kw)
+        self.in_weight = _param(D, E, Fd, init=_fan_in(D), **kw)
+        self.in_bias = _param(E, Fd, init=_fan_in(D), **kw)
+        self.out_weight = _param(E, Fd, D, init=_fan_in(Fd), **kw)
+        self.out_bias = _param(E, D, init=_fan_in(Fd), **kw)
+        self._init_unless_meta(_skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
@@ -325,16 +356,17 @@ class MixtureOfExperts(nn.Module):
         return y.view(B, T, D)
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(_Initialised):
     """Attention then mixture of experts, each with a residual and LayerNorm (pre or post)."""
 
-    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+    def __init__(self, config: TransformerConfig, device=None, dtype=None, _skip_init=False):
         super().__init__()
         self.config = config
         self.norm1 = _LayerNorm(config.embed_dim, device, dtype)
-        self.attn = MultiQueryAttention(config, device, dtype)
+        self.attn = MultiQueryAttention(config, device, dtype, _skip_init=True)
         self.norm2 = _LayerNorm(config.embed_dim, device, dtype)
-        self.moe = MixtureOfExperts(config, device, dtype)
+        self.moe = MixtureOfExperts(config, device, dtype, _skip_init=True)
+        self._init_unless_meta(_skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
@@ -345,28 +377,25 @@ class EncoderLayer(nn.Module):
 class _Embedding(nn.Module):
     def __init__(self, config: TransformerConfig, device=None, dtype=None):
         super().__init__()
-        D = config.embed_dim
+        kw = dict(device=device, dtype=dtype)
         if config.token_inputs:
             # nn.Embedding's N(0, 1): on the scale of the sinusoidal code.
-            self.weight = nn.Parameter(torch.empty(config.vocab_size, D, device=device,
-                                                   dtype=dtype))
-            if self.weight.device.type != "meta":
-                nn.init.normal_(self.weight)
+            self.weight = _param(config.vocab_size, config.embed_dim, init=("normal", 1.0), **kw)
         else:
-            self.weight = _param(config.input_dim, D, fan_in=config.input_dim, device=device,
-                                 dtype=dtype)
-            self.bias = _param(D, fan_in=config.input_dim, device=device, dtype=dtype)
+            fan_in = _fan_in(config.input_dim)
+            self.weight = _param(config.input_dim, config.embed_dim, init=fan_in, **kw)
+            self.bias = _param(config.embed_dim, init=fan_in, **kw)
 
 
 class _Head(nn.Module):
     def __init__(self, config: TransformerConfig, device=None, dtype=None):
         super().__init__()
-        D = config.embed_dim
-        self.weight = _param(D, config.output_dim, fan_in=D, device=device, dtype=dtype)
-        self.bias = _param(config.output_dim, fan_in=D, device=device, dtype=dtype)
+        D, kw = config.embed_dim, dict(device=device, dtype=dtype)
+        self.weight = _param(D, config.output_dim, init=_fan_in(D), **kw)
+        self.bias = _param(config.output_dim, init=_fan_in(D), **kw)
 
 
-class MQAMoETransformer(nn.Module):
+class MQAMoETransformer(_Initialised):
     """A transformer encoder of multi-query attention and mixture-of-experts layers.
 
     ``forward(inputs)``: tokens (B, T) (or vectors (B, T, input_dim)) ->
@@ -385,15 +414,14 @@ class MQAMoETransformer(nn.Module):
         self.config = config
         self.embed = _Embedding(config, device, dtype)
         if config.positional in ("learned", "both"):
-            self.pos_embed = nn.Parameter(torch.empty(config.max_seq_len, config.embed_dim,
-                                                      device=device, dtype=dtype))
-            if self.pos_embed.device.type != "meta":
-                nn.init.normal_(self.pos_embed, std=0.5)
-        self.layers = nn.ModuleList(EncoderLayer(config, device, dtype)
+            self.pos_embed = _param(config.max_seq_len, config.embed_dim, init=("normal", 0.5),
+                                    device=device, dtype=dtype)
+        self.layers = nn.ModuleList(EncoderLayer(config, device, dtype, _skip_init=True)
                                     for _ in range(config.num_layers))
         if config.norm == "pre":
             self.final_norm = _LayerNorm(config.embed_dim, device, dtype)
         self.head = _Head(config, device, dtype)
+        self._init_unless_meta(False)
 
     def forward(self, inputs: Tensor) -> Tensor:
         check_inputs(self.config, inputs, popsize=None)
@@ -406,10 +434,43 @@ class MQAMoETransformer(nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
+def _layout_with_init(config: TransformerConfig) -> tuple[tuple[str, tuple[int, ...], tuple], ...]:
+    model = MQAMoETransformer(config, device="meta")
+    return tuple((n, tuple(p.shape), p.init_rule) for n, p in model.named_parameters())
+
+
 def parameter_layout(config: TransformerConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """(name, shape) of every parameter, in flat-vector (registration) order."""
-    model = MQAMoETransformer(config, device="meta")
-    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
+    return tuple((name, shape) for name, shape, _ in _layout_with_init(config))
+
+
+def init_parameters(
+    config: TransformerConfig,
+    popsize: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """(popsize, N) independently initialised networks, as flat solution vectors.
+
+    The distributions are the module's own (LayerNorm weights 1, linear layers
+    U(+-1/sqrt(fan_in)), token embeddings N(0, 1)), so a population starts as
+    real networks rather than EvoTorch's default of near-zero vectors.
+    ``generator`` (on ``device``) makes the draw repeatable.
+    """
+    if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 1:
+        raise ValueError(f"popsize must be a positive integer, got {popsize!r}")
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    out = torch.empty(popsize, num_parameters(config), device=device,
+                      dtype=dtype or torch.get_default_dtype())
+    offset = 0
+    for _, shape, rule in _layout_with_init(config):
+        block = out[:, offset : offset + math.prod(shape)]
+        _apply_init(block, rule, generator)
+        offset += block.shape[1]
+    return out
 
 
 def num_parameters(config: TransformerConfig) -> int:
@@ -529,6 +590,8 @@ def population_forward(
     check_inputs(config, inputs, popsize=P)
     if inputs.device != params.device:
         raise ValueError(f"inputs are on {inputs.device} but params on {params.device}")
+    if type(params) is not Tensor:  # e.g. EvoTorch's ReadOnlyTensor: compute on plain tensors
+        params = params.as_subclass(Tensor)
     if params.stride(-1) != 1:
         params = params.contiguous()
     if not config.token_inputs and inputs.dtype != params.dtype:
