@@ -1,0 +1,240 @@
+"""EvoTorch operator classes over the kernels in :mod:`evotorch_mqa_moe.functional`.
+
+* :class:`UniformCrossOver` - a :class:`evotorch.operators.CrossOver`: picks parent
+  pairs (tournament, like EvoTorch's own cross-overs, or truncation, like the
+  seed GA) and recombines them gene by gene.
+* :class:`GaussianMutation` - a :class:`evotorch.operators.CopyingOperator`: adds
+  Gaussian noise to each gene with a probability, then clips to the problem's
+  bounds if it has any.
+
+Both draw every random number from ``problem.generator``, so ``Problem(seed=...)``
+makes a run repeat exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from evotorch import Problem, SolutionBatch
+from evotorch.operators import CopyingOperator, CrossOver
+
+from .functional import (
+    _check_probability,
+    _check_stdev,
+    _mutate,
+    _uniform_cross_over_stacked,
+    tournament_pairs,
+    truncation_pairs,
+)
+
+__all__ = ["GaussianMutation", "UniformCrossOver"]
+
+
+class UniformCrossOver(CrossOver):
+    """Per-gene uniform cross-over with tournament or truncation parent selection.
+
+    Each child gene comes from one parent or the other (``swap_probability`` of
+    taking it from the second parent); each pair yields two complementary children.
+    Genes are copied, never combined arithmetically, so children stay inside any
+    box the parents are in (no clipping needed).
+
+    Parent selection, exactly one of:
+
+    * ``tournament_size=k``: each parent wins a tournament of ``k`` uniform draws
+      (EvoTorch's usual scheme);
+    * ``truncation_fraction=f``: parents are drawn from the best ``f`` of the batch,
+      two different ones per pair (the seed GA; ``f=0.5`` is "top half").
+
+    NaN fitness always counts as the worst. Selection uses objective ``obj_index``
+    (default: the only objective); a multi-objective problem with
+    ``obj_index=None`` falls back to EvoTorch's Pareto tournament.
+
+    How many children: as in EvoTorch's ``CrossOver`` (``num_children`` or
+    ``cross_over_rate``; by default as many as the batch), except that an odd
+    ``num_children`` is allowed (the last pair's second child is dropped), so a GA
+    can keep ``e`` elites and fill ``popsize - e`` places with children.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        tournament_size: int | None = None,
+        truncation_fraction: float | None = None,
+        swap_probability: float = 0.5,
+        obj_index: int | None = None,
+        num_children: int | None = None,
+        cross_over_rate: float | None = None,
+    ):
+        if (tournament_size is None) == (truncation_fraction is None):
+            raise ValueError(
+                "Give exactly one of `tournament_size` and `truncation_fraction`, got "
+                f"tournament_size={tournament_size!r}, truncation_fraction={truncation_fraction!r}"
+            )
+        if tournament_size is not None and (
+            int(tournament_size) != tournament_size or tournament_size < 1
+        ):
+            raise ValueError(f"`tournament_size` must be an integer >= 1, got {tournament_size!r}")
+        if truncation_fraction is not None:
+            truncation_fraction = _check_probability("truncation_fraction", truncation_fraction)
+            if truncation_fraction == 0.0:
+                raise ValueError("`truncation_fraction` must be > 0, got 0.0")
+        if num_children is not None and (int(num_children) != num_children or num_children < 1):
+            raise ValueError(f"`num_children` must be an integer >= 1, got {num_children!r}")
+        super().__init__(
+            problem,
+            tournament_size=1 if tournament_size is None else int(tournament_size),
+            obj_index=obj_index,
+            num_children=None if num_children is None else int(num_children),
+            cross_over_rate=cross_over_rate,
+        )
+        self._truncation_fraction = truncation_fraction
+        self._swap_probability = _check_probability("swap_probability", swap_probability)
+        self.last_parent_indices: tuple[torch.Tensor, torch.Tensor] | None = None
+        """``(idx1, idx2)``, each ``(num_pairs,)``: the parents of the last call
+        (child ``i`` and child ``num_pairs + i`` come from pair ``i``); ``None`` after a
+        Pareto-tournament call."""
+
+    @property
+    def swap_probability(self) -> float:
+        return self._swap_probability
+
+    @property
+    def truncation_fraction(self) -> float | None:
+        return self._truncation_fraction
+
+    def _num_children_for(self, batch: SolutionBatch) -> int:
+        if self._num_children is not None:
+            return self._num_children
+        return self._compute_num_tournaments(batch)
+
+    @torch.no_grad()
+    def _do(self, batch: SolutionBatch) -> SolutionBatch:
+        num_children = self._num_children_for(batch)
+        num_pairs = math.ceil(num_children / 2)
+        values = batch.values.as_subclass(torch.Tensor)
+        if self._obj_index is None and self.problem.is_multi_objective:
+            if num_children % 2:
+                raise ValueError(
+                    f"`num_children` must be even for Pareto tournaments, got {num_children}"
+                )
+            parents1, parents2 = self._do_tournament(batch)
+            self.last_parent_indices = None
+        else:
+            obj = 0 if self._obj_index is None else self._obj_index
+            fitness = batch.evals[:, obj].as_subclass(torch.Tensor)
+            maximize = self.problem.senses[obj] == "max"
+            gen = self.problem.generator
+            if self._truncation_fraction is not None:
+                idx1, idx2 = truncation_pairs(
+                    fitness,
+                    num_pairs,
+                    fraction=self._truncation_fraction,
+                    maximize=maximize,
+                    generator=gen,
+                )
+            else:
+                idx1, idx2 = tournament_pairs(
+                    fitness,
+                    num_pairs,
+                    tournament_size=self._tournament_size,
+                    maximize=maximize,
+                    generator=gen,
+                )
+            idx1, idx2 = idx1.to(values.device), idx2.to(values.device)
+            self.last_parent_indices = (idx1, idx2)
+            parents1, parents2 = values[idx1], values[idx2]
+        return self._do_cross_over(parents1, parents2, num_children=num_children)
+
+    @torch.no_grad()
+    def _do_cross_over(
+        self, parents1: torch.Tensor, parents2: torch.Tensor, *, num_children: int | None = None
+    ) -> SolutionBatch:
+        """``(M, N)`` parents -> a batch of ``num_children <= 2M`` children
+        ``[children1; children2][:num_children]``."""
+        children = _uniform_cross_over_stacked(
+            parents1,
+            parents2,
+            swap_probability=self._swap_probability,
+            generator=self.problem.generator,
+        ).view(-1, parents1.shape[-1])
+        if num_children is not None and num_children < children.shape[0]:
+            children = children[:num_children]
+        return self._make_children_batch(children)
+
+
+class GaussianMutation(CopyingOperator):
+    """Add ``N(0, stdev**2)`` noise to each gene independently with probability ``p``.
+
+    Returns a new batch (the input is untouched) whose evaluations are reset.
+    Results are clipped to the problem's bounds when it has any.
+
+    Args:
+        problem: the problem; its ``generator`` supplies the randomness.
+        stdev: ``>= 0``; a number, or a tensor broadcastable to ``(P, N)``: ``(N,)``
+            gives each gene its own scale (see :func:`evotorch_mqa_moe.adaptive.per_tensor_stdev`),
+            ``(P, 1)`` each individual (the batch size must then match).
+        mutation_probability: ``p`` in ``[0, 1]``; ``None`` mutates every gene.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        stdev: float | torch.Tensor,
+        mutation_probability: float | None = None,
+    ):
+        super().__init__(problem)
+        stdev = _check_stdev(stdev)
+        if isinstance(stdev, torch.Tensor):
+            length = problem.solution_length
+            if stdev.ndim >= 1 and length is not None and stdev.shape[-1] not in (1, length):
+                raise ValueError(
+                    f"`stdev` of shape {tuple(stdev.shape)} does not match the solution "
+                    f"length {length}"
+                )
+            stdev = stdev.detach().to(device=problem.device, dtype=problem.dtype)
+        self._stdev = stdev
+        self._mutation_probability = (
+            1.0
+            if mutation_probability is None
+            else _check_probability("mutation_probability", mutation_probability)
+        )
+
+    @property
+    def stdev(self) -> float | torch.Tensor:
+        return self._stdev
+
+    @property
+    def mutation_probability(self) -> float:
+        return self._mutation_probability
+
+    @torch.no_grad()
+    def mutate_values(
+        self, values: torch.Tensor, *, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mutate ``(P, N)`` values into a new tensor, clipped to the problem's bounds.
+
+        ``scale`` (``>= 0``, broadcastable to ``(P, N)``, e.g. ``(P, 1)``) multiplies
+        ``stdev``; self-adaptive schemes use it for per-individual step sizes.
+        """
+        factors = (self._stdev,)
+        if scale is not None:
+            scale = _check_stdev(scale, shape=values.shape)
+            if isinstance(scale, torch.Tensor):
+                scale = scale.to(device=values.device, dtype=values.dtype)
+            factors = factors + (scale,)
+        factors = tuple(f.to(values.device) if isinstance(f, torch.Tensor) else f for f in factors)
+        for f in factors:
+            if isinstance(f, torch.Tensor):
+                _check_stdev(f, shape=values.shape)
+        out = _mutate(values, factors, self._mutation_probability, self.problem.generator)
+        return self._respect_bounds(out)
+
+    @torch.no_grad()
+    def _do(self, batch: SolutionBatch) -> SolutionBatch:
+        values = batch.values.as_subclass(torch.Tensor)
+        result = SolutionBatch(self.problem, popsize=len(batch), device=values.device, empty=True)
+        result._data = self.mutate_values(values)
+        return result
