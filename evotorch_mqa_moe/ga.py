@@ -1,0 +1,248 @@
+"""The seed's genetic algorithm as an EvoTorch ``GeneticAlgorithm``.
+
+One generation (:class:`SeedGeneticAlgorithm`):
+
+1. evaluate the population (every generation when ``re_evaluate``: fitness may be
+   noisy, e.g. a fresh batch of examples per generation);
+2. pick parent pairs: truncation (random pairs from the best fraction) or
+   tournaments, NaN fitness always worst;
+3. uniform cross-over -> children; Gaussian mutation of each gene with
+   probability ``p`` (optionally adaptive step sizes, see :mod:`.adaptive`);
+4. evaluate the children; the next population is the ``num_elites`` best parents
+   plus all children (``num_elites=None``: the best ``popsize`` of parents and
+   children together, EvoTorch's ``elitist=True``).
+
+Build it with :func:`seed_genetic_algorithm`.
+"""
+
+from __future__ import annotations
+
+import torch
+from evotorch import Problem, SolutionBatch
+from evotorch.algorithms import GeneticAlgorithm
+
+from .adaptive import SelfAdaptiveStepSize, SuccessRule
+from .functional import best_first
+from .operators import GaussianMutation, UniformCrossOver
+
+__all__ = ["SeedGeneticAlgorithm", "seed_genetic_algorithm"]
+
+
+def _fitness(batch: SolutionBatch, obj_index: int) -> torch.Tensor:
+    return batch.evals[:, obj_index].as_subclass(torch.Tensor)
+
+
+class SeedGeneticAlgorithm(GeneticAlgorithm):
+    """Truncation/tournament + uniform cross-over + Gaussian mutation + elitism.
+
+    A :class:`evotorch.algorithms.GeneticAlgorithm` whose step keeps each child
+    attached to its parents (needed for self-adaptive step sizes and the success
+    rule) and treats NaN fitness as the worst when choosing elites (EvoTorch's
+    ``take_best`` ranks NaN first when maximising). Usually built with
+    :func:`seed_genetic_algorithm`.
+
+    Args:
+        problem: a single-objective problem (or pass ``obj_index`` to the cross-over).
+        popsize: population size ``P``.
+        cross_over: makes ``P - num_elites`` children (``P`` if ``num_elites`` is None).
+        mutation: applied to every child.
+        num_elites: best parents copied unchanged into the next generation; ``None``
+            keeps the best ``P`` of parents and children together.
+        re_evaluate: re-evaluate the parents every generation (keep ``True`` for
+            noisy fitness).
+        step_size: ``None``, a :class:`SelfAdaptiveStepSize` or a :class:`SuccessRule`.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        popsize: int,
+        cross_over: UniformCrossOver,
+        mutation: GaussianMutation,
+        num_elites: int | None = 2,
+        re_evaluate: bool = True,
+        step_size: SelfAdaptiveStepSize | SuccessRule | None = None,
+    ):
+        if int(popsize) != popsize or popsize < 2:
+            raise ValueError(f"`popsize` must be an integer >= 2, got {popsize!r}")
+        if num_elites is not None and not (0 <= num_elites < popsize):
+            raise ValueError(f"`num_elites` must be in [0, popsize), got {num_elites!r}")
+        if step_size is not None and not isinstance(step_size, SelfAdaptiveStepSize | SuccessRule):
+            raise TypeError(
+                "`step_size` must be None, a SelfAdaptiveStepSize or a SuccessRule, "
+                f"got {step_size!r}"
+            )
+        obj = cross_over.obj_index
+        if obj is None and problem.is_multi_objective:
+            raise ValueError("SeedGeneticAlgorithm needs a single objective or an `obj_index`")
+        super().__init__(
+            problem,
+            operators=[cross_over, mutation],
+            popsize=int(popsize),
+            elitist=num_elites is None,
+            re_evaluate=re_evaluate,
+        )
+        self._cross_over = cross_over
+        self._mutation = mutation
+        self._num_elites = num_elites
+        self._step_size = step_size
+        self._obj = 0 if obj is None else obj
+        self._maximize = problem.senses[self._obj] == "max"
+        self._needs_eval = True
+        self._log_scales = (
+            step_size.initial_log_scales(self._popsize, device=self._population.device)
+            if isinstance(step_size, SelfAdaptiveStepSize)
+            else None
+        )
+
+    @property
+    def num_elites(self) -> int | None:
+        return self._num_elites
+
+    @property
+    def step_size(self) -> SelfAdaptiveStepSize | SuccessRule | None:
+        return self._step_size
+
+    @property
+    def log_step_scales(self) -> torch.Tensor | None:
+        """``(P,)`` log step-size multipliers of the population (self-adaptive only)."""
+        return self._log_scales
+
+    @torch.no_grad()
+    def _step(self):
+        problem = self.problem
+        parents = self._population
+        if self._re_evaluate or self._needs_eval:
+            problem.evaluate(parents)
+            self._needs_eval = False
+        parent_fit = _fitness(parents, self._obj)
+
+        children = self._cross_over(parents)
+        idx1, idx2 = self._cross_over.last_parent_indices
+        num_children = len(children)
+        child_values = children.values.as_subclass(torch.Tensor)
+
+        child_logs = None
+        if isinstance(self._step_size, SelfAdaptiveStepSize):
+            child_logs = self._step_size.child_log_scales(
+                self._log_scales[idx1], self._log_scales[idx2], generator=problem.generator
+            )[:num_children]
+            scale = child_logs.exp().to(child_values.dtype).unsqueeze(-1)  # (C, 1)
+        elif isinstance(self._step_size, SuccessRule):
+            scale = torch.tensor(self._step_size.scale, dtype=child_values.dtype)
+        else:
+            scale = None
+        children = SolutionBatch(
+            problem, popsize=num_children, device=child_values.device, empty=True
+        )
+        children._data = self._mutation.mutate_values(child_values, scale=scale)
+        problem.evaluate(children)
+        child_fit = _fitness(children, self._obj)
+
+        if isinstance(self._step_size, SuccessRule):
+            pairs = torch.cat([torch.arange(len(idx1))] * 2)[:num_children].to(idx1.device)
+            self._step_size.update(
+                child_fit,
+                parent_fit[idx1[pairs]],
+                parent_fit[idx2[pairs]],
+                maximize=self._maximize,
+            )
+
+        if self._num_elites is None:
+            pool = SolutionBatch.cat([parents, children])
+            keep = best_first(_fitness(pool, self._obj), maximize=self._maximize)[: self._popsize]
+            self._population = pool.take(keep)
+            if child_logs is not None:
+                self._log_scales = torch.cat([self._log_scales, child_logs])[keep]
+        else:
+            elites = best_first(parent_fit, maximize=self._maximize)[: self._num_elites]
+            self._population = SolutionBatch.cat([parents.take(elites), children])
+            if child_logs is not None:
+                self._log_scales = torch.cat([self._log_scales[elites], child_logs])
+
+
+def seed_genetic_algorithm(
+    problem: Problem,
+    *,
+    popsize: int = 300,
+    num_elites: int | None = 2,
+    parent_selection: str = "truncation",
+    truncation_fraction: float = 0.2,
+    tournament_size: int = 4,
+    swap_probability: float = 0.5,
+    stdev: float | torch.Tensor = 0.05,
+    mutation_probability: float | None = 0.1,
+    step_size: str | SelfAdaptiveStepSize | SuccessRule | None = None,
+    re_evaluate: bool = True,
+    obj_index: int | None = None,
+) -> SeedGeneticAlgorithm:
+    """Build the seed's GA: truncation selection, uniform cross-over, mutation, elitism.
+
+    Defaults are the measured starting point on a small MQA/MoE transformer
+    (reverse-8 task, popsize 300: 97% exact in 30 s on one seed; without
+    cross-over it stalled): the top 20% breed, 2 elites survive, uniform
+    cross-over, each gene mutated with p=0.1 by N(0, 0.05**2). The seed itself
+    described truncation to the top half (``truncation_fraction=0.5``). Mutation
+    size matters most: 0.02 at p=0.1 was too weak, p=1 at 0.05 too strong.
+
+    Args:
+        problem: single-objective EvoTorch problem (or give ``obj_index``).
+        popsize: population size.
+        num_elites: best parents kept unchanged; ``None`` = keep the best
+            ``popsize`` of parents and children (plus-selection).
+        parent_selection: ``"truncation"`` or ``"tournament"``.
+        truncation_fraction: share of the population that breeds (truncation).
+        tournament_size: contestants per tournament (tournament).
+        swap_probability: uniform cross-over's chance of taking the second parent's gene.
+        stdev: mutation stdev: a number, or a ``(N,)`` tensor per gene (see
+            :func:`evotorch_mqa_moe.adaptive.per_tensor_stdev`).
+        mutation_probability: chance that a gene mutates; ``None`` = every gene.
+        step_size: ``None`` (fixed), ``"self_adaptive"`` / a
+            :class:`SelfAdaptiveStepSize`, or ``"success"`` / a :class:`SuccessRule`;
+            adaptive multipliers scale ``stdev``.
+        re_evaluate: re-evaluate parents every generation (noisy fitness).
+        obj_index: objective to optimise on a multi-objective problem.
+    Returns:
+        A :class:`SeedGeneticAlgorithm` (an ``evotorch.algorithms.GeneticAlgorithm``).
+    """
+    if parent_selection not in ("truncation", "tournament"):
+        raise ValueError(
+            f"`parent_selection` must be 'truncation' or 'tournament', got {parent_selection!r}"
+        )
+    if isinstance(step_size, str):
+        if step_size == "self_adaptive":
+            step_size = SelfAdaptiveStepSize()
+        elif step_size == "success":
+            step_size = SuccessRule()
+        else:
+            raise ValueError(
+                f"`step_size` must be None, 'self_adaptive' or 'success', got {step_size!r}"
+            )
+    if int(popsize) != popsize or popsize < 2:
+        raise ValueError(f"`popsize` must be an integer >= 2, got {popsize!r}")
+    if num_elites is not None and (int(num_elites) != num_elites or not 0 <= num_elites < popsize):
+        raise ValueError(f"`num_elites` must be an integer in [0, popsize), got {num_elites!r}")
+    num_children = popsize if num_elites is None else popsize - int(num_elites)
+    selection = (
+        {"truncation_fraction": truncation_fraction}
+        if parent_selection == "truncation"
+        else {"tournament_size": tournament_size}
+    )
+    cross_over = UniformCrossOver(
+        problem,
+        swap_probability=swap_probability,
+        obj_index=obj_index,
+        num_children=num_children,
+        **selection,
+    )
+    mutation = GaussianMutation(problem, stdev=stdev, mutation_probability=mutation_probability)
+    return SeedGeneticAlgorithm(
+        problem,
+        popsize=int(popsize),
+        cross_over=cross_over,
+        mutation=mutation,
+        num_elites=None if num_elites is None else int(num_elites),
+        re_evaluate=re_evaluate,
+        step_size=step_size,
+    )
