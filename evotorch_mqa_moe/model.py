@@ -61,10 +61,16 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return torch.addcmul(_row(bias), F.layer_norm(x, x.shape[-1:], eps=eps), _row(weight))
 
 
-def _fold_mask(seq_len: int, group: int, device: torch.device) -> Tensor:
-    """Causal mask for queries folded as (G*T) rows: row g*T + t may see keys <= t."""
-    t = torch.arange(seq_len, device=device)
-    return (t[None, :] <= t[:, None]).repeat(group, 1)  # (G*T, T)
+@functools.lru_cache(maxsize=32)
+def _score_bias(seq_len: int, group: int, causal: bool, device: torch.device,
+                dtype: torch.dtype) -> Tensor:
+    """Additive attention bias for query rows folded as (T*G): row t*G + g is position t."""
+    bias = torch.zeros(seq_len * group, seq_len, device=device, dtype=dtype)
+    if causal:
+        t = torch.arange(seq_len, device=device)
+        future = (t[None, :] > t[:, None]).repeat_interleave(group, dim=0)
+        bias.masked_fill_(future, float("-inf"))
+    return bias
 
 
 def attention(
@@ -87,26 +93,34 @@ def attention(
         Same shape as ``x``.
 
     The G query heads that share one key/value head are folded into the query
-    rows, (G*T, hd) against (T, hd), instead of repeating keys and values.
+    rows, (T*G, hd) against (T, hd), instead of repeating keys and values. For
+    MQA (K = 1) every reshape here is a view: the query columns of the fused
+    weight are projected on their own so the (M, H*hd) result is contiguous
+    and reads as (B, T*H, hd) rows, and attention is two batched GEMMs.
     """
     H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
     G = H // K
     lead = x.shape[:-2]
     n = len(lead)
     T = x.shape[-2] // batch
-    qkv = linear(x, w_qkv, b_qkv)  # (*lead, M, (H + 2K) * hd)
-    q, k, v = qkv.split([H * hd, K * hd, K * hd], dim=-1)
-    # queries: (*lead, B, T, K, G, hd) -> (*lead, B, K, G*T, hd)
-    q = q.reshape(*lead, batch, T, K, G, hd).permute(*range(n), n, n + 2, n + 3, n + 1, n + 4)
-    q = q.reshape(*lead, batch, K, G * T, hd)
-    # keys and values: (*lead, B, T, K, hd) -> (*lead, B, K, T, hd)
-    k = k.reshape(*lead, batch, T, K, hd).transpose(-3, -2)
-    v = v.reshape(*lead, batch, T, K, hd).transpose(-3, -2)
-    mask = _fold_mask(T, G, x.device) if config.causal else None
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(hd)
-    # (*lead, B, K, G*T, hd) -> (*lead, B, T, K, G, hd) -> (*lead, M, H * hd)
-    y = y.reshape(*lead, batch, K, G, T, hd).permute(*range(n), n, n + 3, n + 1, n + 2, n + 4)
-    y = y.reshape(*lead, batch * T, H * hd)
+    q = linear(x, w_qkv[..., : H * hd], b_qkv[..., : H * hd])  # (*lead, M, H*hd)
+    kv = linear(x, w_qkv[..., H * hd :], b_qkv[..., H * hd :])  # (*lead, M, 2*K*hd)
+    k, v = kv.view(*lead, batch, T, 2, K, hd).unbind(-3)  # (*lead, B, T, K, hd) each
+    if K == 1:
+        q = q.view(-1, T * H, hd)  # (lead*B, T*G, hd), row t*G + g
+        k, v = k.reshape(-1, T, hd), v.reshape(-1, T, hd)  # views: (lead*B, T, hd)
+    else:
+        # (*lead, B, T, K, G, hd) -> (*lead, B, K, T, G, hd) -> (lead*B*K, T*G, hd)
+        q = q.view(*lead, batch, T, K, G, hd).transpose(n + 1, n + 2).reshape(-1, T * G, hd)
+        k = k.transpose(n + 1, n + 2).reshape(-1, T, hd)
+        v = v.transpose(n + 1, n + 2).reshape(-1, T, hd)
+    bias = _score_bias(T, G, config.causal, x.device, x.dtype)
+    scores = torch.baddbmm(bias, q, k.transpose(-1, -2), alpha=hd**-0.5)  # (.., T*G, T)
+    y = torch.bmm(scores.softmax(dim=-1), v)  # (.., T*G, hd)
+    if K == 1:
+        y = y.view(*lead, batch * T, H * hd)
+    else:
+        y = y.view(*lead, batch, K, T, G, hd).transpose(n + 1, n + 2).reshape(*lead, -1, H * hd)
     return linear(y, w_out, b_out)
 
 
@@ -150,7 +164,7 @@ def mixture_of_experts(
     gates = gate_weights(linear(x, w_gate, b_gate), config.top_k)  # (*lead, M, E)
     hidden = linear(x, w_in.flatten(-2), b_in.flatten(-2))  # (*lead, M, E*F)
     hidden = F.gelu(hidden) if config.activation == "gelu" else F.relu(hidden)
-    hidden = (hidden.view(*lead, M, E, Fd) * gates.unsqueeze(-1)).view(*lead, M, E * Fd)
+    hidden.view(*lead, M, E, Fd).mul_(gates.unsqueeze(-1))  # in place: the largest tensor
     out = torch.matmul(hidden, w_out.reshape(*w_out.shape[:-3], E * Fd, D))
     return out.add_(torch.matmul(gates, b_out))  # gate-weighted expert biases
 
