@@ -136,7 +136,8 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
         children = SolutionBatch(
             problem, popsize=num_children, device=child_values.device, empty=True
         )
-        children._data = self._mutation.mutate_values(child_values, scale=scale)
+        # The children are a fresh tensor: mutate them in place (saves a copy).
+        children._data = self._mutation.mutate_values(child_values, scale=scale, inplace=True)
         problem.evaluate(children)
         child_fit = _fitness(children, self._obj)
 

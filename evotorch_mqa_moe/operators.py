@@ -22,6 +22,7 @@ from evotorch.operators import CopyingOperator, CrossOver
 from .functional import (
     _check_probability,
     _check_stdev,
+    _cross_over_population,
     _mutate,
     _uniform_cross_over_stacked,
     tournament_pairs,
@@ -144,7 +145,15 @@ class UniformCrossOver(CrossOver):
                 )
             idx1, idx2 = idx1.to(values.device), idx2.to(values.device)
             self.last_parent_indices = (idx1, idx2)
-            parents1, parents2 = values[idx1], values[idx2]
+            # Gathers parent rows chunk by chunk inside the kernel (no full-size copies).
+            children = _cross_over_population(
+                values,
+                idx1,
+                idx2,
+                swap_probability=self._swap_probability,
+                generator=self.problem.generator,
+            )
+            return self._make_children_batch(children[:num_children])
         return self._do_cross_over(parents1, parents2, num_children=num_children)
 
     @torch.no_grad()
@@ -212,13 +221,17 @@ class GaussianMutation(CopyingOperator):
 
     @torch.no_grad()
     def mutate_values(
-        self, values: torch.Tensor, *, scale: torch.Tensor | None = None
+        self, values: torch.Tensor, *, scale: torch.Tensor | None = None, inplace: bool = False
     ) -> torch.Tensor:
-        """Mutate ``(P, N)`` values into a new tensor, clipped to the problem's bounds.
+        """Mutate ``(P, N)`` values, clipped to the problem's bounds.
 
         ``scale`` (``>= 0``, broadcastable to ``(P, N)``, e.g. ``(P, 1)``) multiplies
         ``stdev``; self-adaptive schemes use it for per-individual step sizes.
+        ``inplace=True`` adds the noise into ``values`` (must be contiguous) instead
+        of a copy; the result is ``values`` unless bounds clipping makes a new tensor.
         """
+        if inplace and not values.is_contiguous():
+            raise ValueError("`values` must be contiguous for in-place mutation")
         factors = (self._stdev,)
         if scale is not None:
             scale = _check_stdev(scale, shape=values.shape)
@@ -229,7 +242,9 @@ class GaussianMutation(CopyingOperator):
         for f in factors:
             if isinstance(f, torch.Tensor):
                 _check_stdev(f, shape=values.shape)
-        out = _mutate(values, factors, self._mutation_probability, self.problem.generator)
+        out = _mutate(
+            values, factors, self._mutation_probability, self.problem.generator, inplace=inplace
+        )
         return self._respect_bounds(out)
 
     @torch.no_grad()

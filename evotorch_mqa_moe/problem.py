@@ -108,6 +108,7 @@ class TransformerProblem(NEProblem):
         self._data_root = int(np.random.SeedSequence([seed_bits, 0xDA7A]).generate_state(1)[0])
         self._data_epoch = 0
         self._data_seed: int | None = None
+        self.evaluations = 0  # solutions evaluated so far (counted in the main process)
         super().__init__(
             "max",
             MQAMoETransformer,
@@ -179,6 +180,7 @@ class TransformerProblem(NEProblem):
 
     def evaluate(self, x: Any) -> None:
         if self.is_main:
+            self.evaluations += len(x) if isinstance(x, SolutionBatch) else 1
             # Decided once here, sent to Ray actors by _make_sync_data_for_actors,
             # so every piece of the batch sees the same data.
             self._data_seed = self._data_epoch

@@ -1,0 +1,187 @@
+"""The command line: ``evotorch-mqa-moe list | run | compare``.
+
+Also reachable as ``python -m evotorch_mqa_moe``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+__all__ = ["main"]
+
+
+def _key_values(items: list[str] | None, what: str) -> dict[str, Any]:
+    """``["seq_len=10", "source=text"]`` -> ``{"seq_len": 10, "source": "text"}`` (JSON values)."""
+    result = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{what} must look like NAME=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            result[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            result[key] = raw
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="evotorch-mqa-moe",
+        description="Evolve MQA/MoE transformers with EvoTorch, the population in one pass.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="tasks (with default model size) and searchers")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("task", help="a task name (see `list`)")
+        p.add_argument("--popsize", type=int, default=None, help="population size")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+        p.add_argument("--out", type=Path, required=True, help="output folder")
+        p.add_argument("--stdev", type=float, default=0.05, help="initial search stdev")
+        p.add_argument("--task-option", action="append", metavar="NAME=VALUE",
+                       help="task option, e.g. seq_len=10 (repeatable)")
+        p.add_argument("--model", action="append", metavar="NAME=VALUE",
+                       help="model config change, e.g. embed_dim=32 (repeatable)")
+        p.add_argument("--eval-every", type=int, default=10,
+                       help="generations between held-out evaluations")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--quiet", action="store_true", help="warnings and errors only")
+
+    r = sub.add_parser("run", help="run one searcher on one task")
+    common(r)
+    r.add_argument("--searcher", default="pgpe", help="a searcher name (see `list`)")
+    r.add_argument("--generations", type=int, default=100)
+    r.add_argument("--max-evals", type=int, default=None, help="stop after this many evaluations")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--checkpoint-every", type=int, default=10)
+    r.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate (adam)")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+
+    c = sub.add_parser("compare", help="several searchers x seeds under one evaluation budget")
+    common(c)
+    c.add_argument("--searchers", default="ga,cmaes,pgpe,snes,adam",
+                   help="comma-separated searcher names")
+    c.add_argument("--seeds", type=int, default=3, help="seeds per searcher (0..K-1)")
+    c.add_argument("--budget-evals", type=int, required=True,
+                   help="evaluations per run (adam: the same number of data batches)")
+    c.add_argument("--target", type=float, default=None,
+                   help="held-out target for time-to-target (default: 90%% of the way "
+                        "from chance to ceiling)")
+    return ap
+
+
+def _list() -> None:
+    from .model import num_parameters
+    from .problems import make_task, task_names
+    from .run import ALL_SEARCHERS
+
+    print("tasks:")
+    for name in task_names():
+        task = make_task(name)
+        print(f"  {name:10s} {num_parameters(task.default_config()):>8,} parameters   "
+              f"target metric: {task.target_metric}")
+    print("searchers:")
+    for name, what in ALL_SEARCHERS.items():
+        print(f"  {name:16s} {what}")
+
+
+def _validate_common(args: argparse.Namespace) -> None:
+    from .problems import task_names
+
+    if args.task not in task_names():
+        raise ValueError(f"unknown task {args.task!r}; known: {', '.join(task_names())}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        import torch
+
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"device {args.device!r} is not usable here: "
+                             f"{str(exc).splitlines()[0]}") from None
+
+
+def _check_popsize(searcher: str, popsize: int | None) -> None:
+    from .searchers import min_popsize
+
+    if popsize is not None and searcher != "adam" and popsize < min_popsize(searcher):
+        raise ValueError(f"--popsize {popsize} is too small for {searcher} "
+                         f"(needs >= {min_popsize(searcher)})")
+    if popsize is not None and popsize < 1:
+        raise ValueError(f"--popsize must be positive, got {popsize}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .run import RunSettings, run
+
+    settings = RunSettings(
+        task=args.task, searcher=args.searcher, generations=args.generations,
+        max_evaluations=args.max_evals, popsize=args.popsize, seed=args.seed,
+        device=args.device, stdev=args.stdev,
+        task_options=_key_values(args.task_option, "--task-option"),
+        model=_key_values(args.model, "--model"), eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, lr=args.lr)
+    _check_popsize(settings.searcher, settings.popsize)
+    results = run(settings, args.out, resume=args.resume)
+    metric = results["target_metric"]
+    print(f"{args.task} / {args.searcher}: {metric} = {results['final_metrics'][metric]:.4g} "
+          f"({results['parameters']:,} parameters, {results['evaluations']:,} evaluations, "
+          f"{results['wall_time']:.1f} s); files in {args.out}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+    from .run import ALL_SEARCHERS
+
+    searchers = [s.strip() for s in args.searchers.split(",") if s.strip()]
+    for name in searchers:
+        if name not in ALL_SEARCHERS:
+            raise ValueError(f"unknown searcher {name!r}; known: {', '.join(ALL_SEARCHERS)}")
+        _check_popsize(name, args.popsize)
+    if args.seeds < 1 or args.budget_evals < 1:
+        raise ValueError("--seeds and --budget-evals must be positive")
+    compare(args.task, searchers, seeds=args.seeds, budget_evals=args.budget_evals,
+            out=args.out, popsize=args.popsize, device=args.device, stdev=args.stdev,
+            target=args.target, task_options=_key_values(args.task_option, "--task-option"),
+            model=_key_values(args.model, "--model"), eval_every=args.eval_every)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (errors: one line on stderr, status 2)."""
+    args = _parser().parse_args(argv)
+    logger.remove()  # the CLI owns the handlers; the library never configures them
+    logger.add(sys.stderr, level="WARNING" if getattr(args, "quiet", False) else "INFO",
+               format="<green>{time:HH:mm:ss}</green> {level: <7} {message}")
+    logging.getLogger("evotorch").setLevel(logging.WARNING)  # its per-problem INFO chatter
+    try:
+        if args.command == "list":
+            _list()
+            return 0
+        _validate_common(args)
+        if args.command == "run":
+            _run(args)
+        else:
+            _compare(args)
+    except KeyboardInterrupt:
+        print("evotorch-mqa-moe: interrupted; checkpoint saved, continue with --resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"evotorch-mqa-moe: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

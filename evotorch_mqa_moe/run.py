@@ -1,0 +1,305 @@
+"""Run a searcher on a task: progress, periodic checkpoints, exact resume, results on disk.
+
+Files written to the output folder:
+
+* ``checkpoint.pt``: everything needed to resume exactly (searcher state,
+  random states, history), replaced atomically; loads with ``weights_only=True``.
+* ``history.csv``: one row per generation (evaluations, wall time, fitness,
+  held-out metrics every ``eval_every`` generations).
+* ``results.json``: settings, model config, versions, final held-out metrics,
+  wall time and evaluations.
+* ``best_model.pt``: the final solution (ES centre, GA population best, or the
+  trained network) as ``{"config": ..., "state_dict": ...}``; see :func:`load_model`.
+
+Ctrl-C or SIGTERM saves a checkpoint before the run stops; ``resume=True``
+continues from it and ends exactly as an uninterrupted run with the same seed
+would (on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from .backprop import BackpropTrainer
+from .config import TransformerConfig
+from .model import MQAMoETransformer
+from .problem import TransformerProblem
+from .searchers import SEARCHERS, make_searcher
+from .state import capture, restore
+
+__all__ = ["RunSettings", "run", "load_model", "RunInterrupted", "ALL_SEARCHERS"]
+
+CHECKPOINT_VERSION = 1
+ALL_SEARCHERS = {**SEARCHERS, "adam": "backprop reference: Adam on the same model and loss"}
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run was stopped (Ctrl-C / SIGTERM) after saving a checkpoint."""
+
+
+@dataclass
+class RunSettings:
+    """What to run. Everything here is recorded in ``results.json`` and the checkpoint.
+
+    Attributes:
+        task: a name from ``evotorch_mqa_moe.problems.task_names()``.
+        searcher: a name from :data:`ALL_SEARCHERS`.
+        generations: steps to run (a cap when ``max_evaluations`` is set too).
+        max_evaluations: stop once this many solutions were evaluated (for
+            ``adam``: steps x ``popsize``, i.e. the same number of data batches
+            as a searcher of that population evaluating once per generation).
+        popsize: population size (``None`` = the searcher's default).
+        seed: seeds the problem, the searcher and the data stream.
+        device: where evaluation runs (``"cpu"``, ``"cuda"``, ...).
+        stdev: initial search / mutation stdev.
+        task_options, model, searcher_options: passed to the task, to
+            ``TransformerConfig.replace`` and to the searcher's constructor.
+        eval_every: generations between held-out evaluations.
+        checkpoint_every: generations between checkpoints.
+        lr: Adam's learning rate (``adam`` only).
+    """
+
+    task: str
+    searcher: str = "pgpe"
+    generations: int | None = 100
+    max_evaluations: int | None = None
+    popsize: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    stdev: float = 0.05
+    task_options: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    searcher_options: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 10
+    checkpoint_every: int = 10
+    lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        if self.searcher not in ALL_SEARCHERS:
+            raise ValueError(f"unknown searcher {self.searcher!r}; known: "
+                             f"{', '.join(ALL_SEARCHERS)}")
+        if self.generations is None and self.max_evaluations is None:
+            raise ValueError("give generations or max_evaluations (or both)")
+        for name in ("generations", "max_evaluations"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a checkpoint must share to be resumed (budgets may grow)."""
+        d = dataclasses.asdict(self)
+        for key in ("generations", "max_evaluations", "eval_every", "checkpoint_every", "device"):
+            d.pop(key)
+        return d
+
+
+def versions() -> dict[str, str]:
+    import evotorch
+    import numpy
+
+    from . import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "evotorch": evotorch.__version__, "numpy": numpy.__version__,
+            "evotorch_mqa_moe": __version__, "platform": platform.platform()}
+
+
+def _build(settings: RunSettings):
+    from .problems import make_task
+
+    task = make_task(settings.task, **settings.task_options)
+    config = task.default_config()
+    if settings.model:
+        config = config.replace(**settings.model)
+    problem = TransformerProblem(task, config, seed=settings.seed, device=settings.device)
+    if settings.searcher == "adam":
+        searcher = BackpropTrainer(problem, lr=settings.lr, **settings.searcher_options)
+    else:
+        searcher = make_searcher(settings.searcher, problem, popsize=settings.popsize,
+                                 stdev=settings.stdev, **settings.searcher_options)
+    return task, config, problem, searcher
+
+
+def _evaluations(settings: RunSettings, problem: TransformerProblem, searcher: Any) -> int:
+    if isinstance(searcher, BackpropTrainer):
+        return searcher.steps * (settings.popsize or 1)
+    return problem.evaluations
+
+
+def current_solution(searcher: Any) -> torch.Tensor:
+    """The solution a searcher would answer with now: its centre, or its population's best."""
+    status = searcher.status
+    if "center" in status:
+        return torch.as_tensor(status["center"]).as_subclass(torch.Tensor).detach()
+    return status["pop_best"].values.as_subclass(torch.Tensor).detach()
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    import pandas as pd
+
+    tmp = path.with_name(path.name + ".tmp")
+    pd.DataFrame(history).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> MQAMoETransformer:
+    """Load ``best_model.pt`` (safely: ``weights_only=True``) as a network."""
+    blob = torch.load(path, map_location=device, weights_only=True)
+    model = MQAMoETransformer(TransformerConfig(**blob["config"]), device=device)
+    model.load_state_dict(blob["state_dict"])
+    return model
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so a killed run saves its checkpoint first."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Run ``settings`` writing to folder ``out``; returns what ``results.json`` holds.
+
+    Raises:
+        FileNotFoundError: ``resume`` without ``out/checkpoint.pt``.
+        ValueError: the checkpoint belongs to other settings (task, model, searcher, seed).
+        RunInterrupted: Ctrl-C / SIGTERM, after the checkpoint was saved.
+    """
+    out = Path(out)
+    checkpoint_path = out / "checkpoint.pt"
+    if resume and not checkpoint_path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume at {checkpoint_path}")
+    out.mkdir(parents=True, exist_ok=True)
+    task, config, problem, searcher = _build(settings)
+    history: list[dict[str, Any]] = []
+    elapsed = 0.0
+    if resume:
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{checkpoint_path} is not a checkpoint of this version")
+        if ckpt["settings"] != settings.identity() or ckpt["config"] != config.to_dict():
+            theirs = {k: v for k, v in ckpt["settings"].items() if settings.identity()[k] != v}
+            raise ValueError(f"{checkpoint_path} was written by other settings: {theirs or 'model'}"
+                             f" (this run: task={settings.task!r}, searcher={settings.searcher!r})")
+        if isinstance(searcher, BackpropTrainer):
+            searcher.load_state_dict(ckpt["searcher"])
+        else:
+            searcher.step()  # creates what the searcher makes lazily; all overwritten now
+            restore(searcher, ckpt["searcher"])
+        history, elapsed = ckpt["history"], ckpt["elapsed"]
+        logger.info(f"resumed {settings.task}/{settings.searcher} at generation {len(history)}")
+
+    def save_checkpoint() -> None:
+        if isinstance(searcher, BackpropTrainer):
+            state = searcher.state_dict()
+        else:
+            state = capture(searcher)
+        _atomic_save({"version": CHECKPOINT_VERSION, "settings": settings.identity(),
+                      "config": config.to_dict(), "searcher": state, "history": history,
+                      "elapsed": elapsed}, checkpoint_path)
+        _write_history(history, out / "history.csv")
+
+    def done() -> bool:
+        gen, evals = len(history), _evaluations(settings, problem, searcher)
+        return ((settings.generations is not None and gen >= settings.generations)
+                or (settings.max_evaluations is not None and evals >= settings.max_evaluations))
+
+    metric = task.target_metric
+    logger.info(f"{settings.task} with {settings.searcher}: {problem.solution_length:,} "
+                f"parameters, device {settings.device}, output {out}")
+    try:
+        with _sigterm_as_interrupt():
+            while not done():
+                start = time.perf_counter()
+                searcher.step()
+                elapsed += time.perf_counter() - start
+                gen = len(history) + 1
+                status = searcher.status
+                row = {"generation": gen,
+                       "evaluations": _evaluations(settings, problem, searcher),
+                       "wall_time": elapsed,
+                       "best_fitness": float(status["pop_best_eval"]),
+                       "mean_fitness": float(status["mean_eval"]),
+                       "best_so_far": float(status["best_eval"])}
+                if gen % settings.eval_every == 0 or done():
+                    row.update({k: float(v) for k, v in
+                                problem.metrics(current_solution(searcher)).items()})
+                history.append(row)
+                if gen % settings.eval_every == 0 or done():
+                    rate = row["evaluations"] / max(elapsed, 1e-9)
+                    held = f" | {metric} {row[metric]:.4g}" if metric in row else ""
+                    logger.info(f"gen {gen} | evals {row['evaluations']:,} | best "
+                                f"{row['best_fitness']:.4g} | mean {row['mean_fitness']:.4g}"
+                                f"{held} | {rate:,.0f} evals/s")
+                if gen % settings.checkpoint_every == 0:
+                    save_checkpoint()
+    except KeyboardInterrupt as exc:
+        if history:
+            save_checkpoint()
+        logger.warning(f"interrupted at generation {len(history)}; checkpoint saved to "
+                       f"{checkpoint_path}; continue with resume")
+        raise RunInterrupted(str(exc)) from None
+    save_checkpoint()
+
+    solution = current_solution(searcher)
+    final = problem.metrics(solution)
+    model = problem.make_net(solution)
+    _atomic_save({"config": config.to_dict(), "state_dict": model.state_dict(),
+                  "metrics": final, "task": settings.task}, out / "best_model.pt")
+    results = {
+        "task": settings.task, "searcher": settings.searcher,
+        "settings": dataclasses.asdict(settings), "config": config.to_dict(),
+        "parameters": problem.solution_length, "target_metric": metric,
+        "final_metrics": final, "generations": len(history),
+        "evaluations": _evaluations(settings, problem, searcher), "wall_time": elapsed,
+        "best_fitness": max((r["best_fitness"] for r in history
+                             if math.isfinite(r["best_fitness"])), default=float("nan")),
+        "versions": versions(),
+    }
+    _atomic_write(json.dumps(results, indent=2), out / "results.json")
+    logger.info(f"done: {metric} = {final.get(metric, float('nan')):.4g} after "
+                f"{results['evaluations']:,} evaluations in {elapsed:.1f} s -> {out}")
+    return results
