@@ -5,10 +5,13 @@ import math
 import pytest
 import torch
 
+import evotorch_mqa_moe.functional as functional
 from evotorch_mqa_moe.functional import (
     _bernoulli_positions,
+    _cross_over_population,
     best_first,
     gaussian_mutation,
+    gaussian_mutation_,
     tournament_pairs,
     truncation_pairs,
     uniform_cross_over,
@@ -77,12 +80,26 @@ def test_cross_over_copies_bits_exactly_and_leaves_inputs_alone():
     assert torch.equal(b, b0)
 
 
-def test_cross_over_non_contiguous_and_chunked_rows():
-    base = torch.randn(300, 8000, generator=gen(1))  # > 1M genes: several row chunks
+def test_cross_over_non_contiguous_and_chunked_rows(monkeypatch):
+    monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * 800)  # 3 rows per chunk
+    base = torch.randn(40, 800, generator=gen(1))
     a, b = base[::2], base[1::2]
     c1, c2 = uniform_cross_over(a, b, generator=gen(2))
     assert torch.all((c1 == a) | (c1 == b))
     assert within_binomial(int((c1 == b).sum()), a.numel(), 0.5)
+
+
+def test_cross_over_population_gathers_rows_in_chunks(monkeypatch):
+    monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * 500)  # 3 rows per chunk
+    values = torch.randn(50, 500, generator=gen(1))
+    idx1 = torch.randint(50, (40,), generator=gen(2))
+    idx2 = (idx1 + 1) % 50
+    children = _cross_over_population(values, idx1, idx2, swap_probability=0.5, generator=gen(3))
+    assert children.shape == (80, 500)
+    p1, p2 = values[idx1], values[idx2]
+    c1, c2 = children[:40], children[40:]
+    assert torch.all(torch.where(c1 == p1, c2 == p2, (c1 == p2) & (c2 == p1)))
+    assert within_binomial(int((c1 == p2).sum()), c1.numel(), 0.5)
 
 
 def test_cross_over_seeds():
@@ -149,6 +166,17 @@ def test_mutation_none_changes_every_gene_and_keeps_input():
     y = gaussian_mutation(x, stdev=0.1, generator=gen(2))
     assert torch.all(y != x) and torch.equal(x, x0)
     assert y.dtype == x.dtype and y.device == x.device and y is not x
+
+
+@pytest.mark.parametrize("p", [0.1, 0.8, None])
+def test_in_place_mutation_matches_the_copying_one(p):
+    x = torch.randn(6, 300, generator=gen(1))
+    expected = gaussian_mutation(x, stdev=0.2, mutation_probability=p, generator=gen(9))
+    y = x.clone()
+    out = gaussian_mutation_(y, stdev=0.2, mutation_probability=p, generator=gen(9))
+    assert out is y and torch.equal(y, expected)
+    with pytest.raises(ValueError, match="contiguous"):
+        gaussian_mutation_(x.t(), stdev=0.2)
 
 
 def test_mutation_zero_probability_or_stdev_copies():
