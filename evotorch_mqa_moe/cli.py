@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()  # the CLI owns the handlers; the library never configures them
     logger.add(sys.stderr, level="WARNING" if getattr(args, "quiet", False) else "INFO",
                format="<green>{time:HH:mm:ss}</green> {level: <7} {message}")
-    logging.getLogger("evotorch").setLevel(logging.WARNING)  # its per-problem INFO chatter
+    import evotorch  # noqa: F401  (creates its loggers, which the next lines quieten)
+
+    for name in list(logging.root.manager.loggerDict):  # EvoTorch's per-problem INFO chatter
+        if name.startswith("evotorch") and not name.startswith("evotorch_mqa_moe"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if args.command == "list":
             _list()

@@ -242,8 +242,8 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
                       "elapsed": elapsed}, checkpoint_path)
         _write_history(history, out / "history.csv")
 
-    def done() -> bool:
-        gen, evals = len(history), _evaluations(settings, problem, searcher)
+    def done(gen: int) -> bool:
+        evals = _evaluations(settings, problem, searcher)
         return ((settings.generations is not None and gen >= settings.generations)
                 or (settings.max_evaluations is not None and evals >= settings.max_evaluations))
 
@@ -252,7 +252,7 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
                 f"parameters, device {settings.device}, output {out}")
     try:
         with _sigterm_as_interrupt():
-            while not done():
+            while not done(len(history)):
                 start = time.perf_counter()
                 searcher.step()
                 elapsed += time.perf_counter() - start
@@ -264,11 +264,12 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
                        "best_fitness": float(status["pop_best_eval"]),
                        "mean_fitness": float(status["mean_eval"]),
                        "best_so_far": float(status["best_eval"])}
-                if gen % settings.eval_every == 0 or done():
+                last = done(gen)
+                if gen % settings.eval_every == 0 or last:
                     row.update({k: float(v) for k, v in
                                 problem.metrics(current_solution(searcher)).items()})
                 history.append(row)
-                if gen % settings.eval_every == 0 or done():
+                if gen % settings.eval_every == 0 or last:
                     rate = row["evaluations"] / max(elapsed, 1e-9)
                     held = f" | {metric} {row[metric]:.4g}" if metric in row else ""
                     logger.info(f"gen {gen} | evals {row['evaluations']:,} | best "
