@@ -96,6 +96,7 @@ def peak_memory_child(method: str, args) -> int:
     """Peak resident memory added by one pass of ``method``, measured in a fresh process."""
     out = subprocess.run(
         [sys.executable, __file__, "--memory-of", method, "--popsize", str(args.popsize),
+         "--threads", str(torch.get_num_threads()), "--seq", str(args.seq),
          "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype],
         capture_output=True, text=True, check=True,
     )
@@ -126,8 +127,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--chunks", default="", help="comma-separated chunk sizes to sweep too")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     config, params, tokens = setup(args)
     methods = make_methods(config, params, tokens, args.device)
@@ -150,6 +154,7 @@ def main() -> None:
     print(machine_report())
     print(f"config A: {config}\nN = {num_parameters(config):,} parameters, P = {args.popsize}, "
           f"B = {args.batch}, T = {args.seq}, {args.dtype}, device {args.device}, "
+          f"{torch.get_num_threads()} threads, "
           f"default chunk = {default_chunk_size(config, args.batch * args.seq, args.device)}")
     ref = methods["ours"]()
     for name, fn in methods.items():  # warm-up + agreement check

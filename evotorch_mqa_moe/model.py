@@ -124,6 +124,26 @@ def attention(
     return linear(y, w_out, b_out)
 
 
+def _stack_bias_row(weight: Tensor, bias: Tensor) -> Tensor:
+    """(..., I, O) and (..., O) -> (..., I+1, O) with the bias as last row.
+
+    A view when the bias follows the weight in memory, as it does for weights
+    sliced out of flat solution vectors; a small copy otherwise.
+    """
+    I, O = weight.shape[-2:]
+    try:
+        adjacent = (
+            weight.stride(-1) == 1 and weight.stride(-2) == O and bias.stride(-1) == 1
+            and weight.stride()[:-2] == bias.stride()[:-1]
+            and bias.data_ptr() == weight.data_ptr() + I * O * weight.element_size()
+        )
+    except RuntimeError:  # tensors without storage (torch.func transforms)
+        adjacent = False
+    if adjacent:
+        return weight.as_strided((*weight.shape[:-2], I + 1, O), weight.stride())
+    return torch.cat([weight, bias.unsqueeze(-2)], dim=-2)
+
+
 def gate_weights(logits: Tensor, top_k: int | None) -> Tensor:
     """Expert weights (..., E) from gate logits: dense softmax, or softmax over the top k."""
     if top_k is None:
@@ -162,8 +182,12 @@ def mixture_of_experts(
     lead = x.shape[:-2]
     M = x.shape[-2]
     gates = gate_weights(linear(x, w_gate, b_gate), config.top_k)  # (*lead, M, E)
-    hidden = linear(x, w_in.flatten(-2), b_in.flatten(-2))  # (*lead, M, E*F)
-    hidden = F.gelu(hidden) if config.activation == "gelu" else F.relu(hidden)
+    # The bias rides in the GEMM as an extra input row against a ones column:
+    # cheaper than broadcasting it into the wide (M, E*F) output first.
+    ones = torch.ones(*lead, M, 1, device=x.device, dtype=x.dtype)
+    w_in_b = _stack_bias_row(w_in.flatten(-2), b_in.flatten(-2))  # (*lead, D+1, E*F)
+    hidden = torch.matmul(torch.cat([x, ones], dim=-1), w_in_b)  # (*lead, M, E*F)
+    hidden = F.gelu(hidden) if config.activation == "gelu" else hidden.relu_()
     hidden.view(*lead, M, E, Fd).mul_(gates.unsqueeze(-1))  # in place: the largest tensor
     out = torch.matmul(hidden, w_out.reshape(*w_out.shape[:-3], E * Fd, D))
     return out.add_(torch.matmul(gates, b_out))  # gate-weighted expert biases
