@@ -1,6 +1,6 @@
 """GA operators: ours vs EvoTorch's, each as a multiple of ``clone()`` of the population.
 
-Run:  .venv/bin/python bench/operators.py [--rounds 7] [--device cpu]
+Run:  .venv/bin/python bench/operators.py [--rounds 7] [--device cpu] [--threads T]
           [--shapes 256x100000,64x1000000]
 
 For each population shape (P, N) float32 the script times, in interleaved rounds
@@ -160,7 +160,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", default="256x100000,64x1000000")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's). 1 makes ratios robust on a shared "
+        "machine, where each multi-threaded op waits for descheduled threads.",
+    )
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(machine_report())
     print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores: >2 means shared)")

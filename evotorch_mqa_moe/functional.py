@@ -21,7 +21,7 @@ while 64 random bits drawn as one int64 word cost ~1/60 of a float each. So:
 ``torch.where`` with a random mask runs ~2x slower than its memory traffic on
 this CPU (a branchy scalar loop), so the cross-over selects genes with an exact
 bitwise blend ``a ^ ((a ^ b) & mask)`` on an integer view of the floats, in
-row chunks of ~4M genes so that the temporaries stay in cache (1.7-1.9 vs 2.4
+row chunks of ~1M genes so that the temporaries stay in cache (1.7 vs 2.4
 clones for 128 pairs at 100k genes; parent rows are gathered chunk by chunk too).
 """
 
@@ -42,10 +42,11 @@ __all__ = [
 ]
 
 # Genes per cross-over chunk on CPU, so operands and temporaries stay in cache. Measured
-# for 128 pairs x 100k float32, in clones: 1M 1.66, 2M 1.73, 4M 1.89, unchunked 2.37 on a
-# quiet machine; with the 2 cores shared by other jobs every op pays a thread-sync toll
-# (1M 6.5, 2M 4.1, 4M 3.8, unchunked 2.8). 4M is the compromise.
-_CHUNK_GENES = 1 << 22
+# for 128 pairs x 100k float32, in clones: 2 threads 1M 1.66, 2M 1.73, 4M 1.89, unchunked
+# 2.37; 1 thread 256k 1.97, 1M 1.77, 4M 2.23. On an oversubscribed machine every
+# multi-threaded op waits for descheduled threads (2 threads, load 6: 1M ~6-10 clones):
+# there, torch.set_num_threads(1) is the fix, not bigger chunks.
+_CHUNK_GENES = 1 << 20
 
 # Integer dtype with the same width as each float dtype, for the exact bitwise blend.
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -276,7 +277,7 @@ def _bernoulli_positions(
     Draws enough gaps to pass ``n`` with overwhelming probability and loops if not
     (tests force the loop with a negative ``_slack_sigmas``).
     """
-    if p == 0.0 or n == 0:
+    if p < 1e-300 or n == 0:  # P(any success) < 1e-280: treat as 0, avoids inf/NaN gaps
         return torch.empty(0, dtype=torch.int64, device=device)
     if p == 1.0:
         return torch.arange(n, dtype=torch.int64, device=device)
@@ -288,8 +289,15 @@ def _bernoulli_positions(
         mean = (n - start) * p
         k = max(1, int(mean + _slack_sigmas * math.sqrt(mean * (1.0 - p)) + 16))
         u = torch.rand(k, dtype=torch.float64, device=rng_dev, generator=generator)
-        gaps = torch.log1p(u.neg_()).div_(log_q).floor_()  # failures before each success
-        pos = gaps.to(device=device, dtype=torch.int64).add_(1).cumsum_(0).add_(start - 1)
+        # gap + 1 = floor(log(1 - u) / log(1 - p)) + 1: the int64 cast truncates, which is
+        # floor here (values >= 1). Each pass over k float64s costs ~0.1 clone, so
+        # everything is in place and the start offset goes into the first element only.
+        steps = u.neg_().log1p_().mul_(1.0 / log_q).add_(1.0)
+        if 37.0 / -log_q > 2.0**62:  # p < ~1e-17: keep the cast and cumsum in range
+            steps.clamp_max_(float(n + 1))
+        pos = steps.to(device=device, dtype=torch.int64)
+        pos[0] += start - 1
+        pos = pos.cumsum_(0)
         cut = int(torch.searchsorted(pos, n))
         pieces.append(pos[:cut])
         if cut < k:
