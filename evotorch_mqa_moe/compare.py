@@ -1,0 +1,358 @@
+"""Compare searchers on one task under one evaluation budget, over several seeds.
+
+:func:`compare` runs every searcher x seed with :func:`~evotorch_mqa_moe.run.run`
+into ``out/<searcher>/seed<k>/`` and then writes, into ``out``:
+
+* ``results.csv``: one row per run (task, searcher, seed, final held-out target
+  metric, evaluations, wall time, evaluations and wall time to reach the target
+  (NaN if never reached), parameters, popsize);
+* ``summary.md``: a table with one row per searcher (median [min-max] of the
+  final metric, median evaluations / wall time to target over the seeds that
+  reached it, how many did), the command line, the machine and the date;
+* ``best_fitness_vs_evaluations.png``, ``best_fitness_vs_wall_time.png``,
+  ``<metric>_vs_evaluations.png``, ``<metric>_vs_wall_time.png``: one thin line
+  per run, coloured by searcher, the searcher's median in bold.
+
+**Equal budgets.** Every run stops once it has evaluated ``budget_evals``
+solutions (a run may overshoot by less than one generation). ``adam`` counts
+``steps x popsize`` evaluations, i.e. it sees as many data batches as a searcher
+of that population size evaluating once per generation; without ``popsize`` it
+takes the largest default population of the other searchers compared (the
+fewest batches any of them sees), 200 if it is compared alone.
+
+**Resuming.** A run whose folder already holds ``checkpoint.pt`` is resumed
+rather than restarted, so an interrupted comparison continues where it stopped
+when called again with the same arguments; finished runs are only re-read (a
+larger ``budget_evals`` extends them). A checkpoint written with other settings
+(popsize, stdev, model, ...) is an error: use a fresh ``out``.
+
+**Time to target.** Held-out metrics are computed every ``eval_every``
+generations (and at the end), so evaluations and wall time to target have that
+resolution. The default target is ``chance + 0.9 (ceiling - chance)`` of the
+task's target metric when the task offers ``chance()`` / ``ceiling()``
+(``neg_<m>`` metrics use ``-chance()[m]`` / ``-ceiling()[m]``); for an episodic
+task with a ``max_steps`` return limit (cartpole) it is ``0.9 x max_steps``;
+otherwise give ``target`` or time-to-target is left out (NaN).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from loguru import logger
+
+from .run import ALL_SEARCHERS, RunSettings, run, versions
+from .searchers import DEFAULT_POPSIZE, min_popsize
+
+__all__ = ["compare", "default_target", "time_to_target", "summarize", "plot_runs",
+           "RESULT_COLUMNS"]
+
+RESULT_COLUMNS = ["task", "searcher", "seed", "target_metric", "final_metric", "evaluations",
+                  "wall_time", "evals_to_target", "time_to_target", "parameters", "popsize"]
+TARGET_FRACTION = 0.9
+ADAM_FALLBACK_POPSIZE = 200
+
+
+def _metric_bound(values: dict[str, Any] | None, metric: str) -> float | None:
+    """``values[metric]``, or ``-values[m]`` for ``metric == "neg_" + m``; None if unknown."""
+    if not values:
+        return None
+    if values.get(metric) is not None:
+        return float(values[metric])
+    if metric.startswith("neg_") and values.get(metric[4:]) is not None:
+        return -float(values[metric[4:]])
+    return None
+
+
+def default_target(task: Any) -> float | None:
+    """``chance + 0.9 (ceiling - chance)`` of ``task.target_metric``, or None if unknown.
+
+    Uses ``task.chance()`` / ``task.ceiling()`` when the task offers them; an
+    episodic task with a return limit ``max_steps`` and target metric
+    ``mean_return`` (cartpole) gets ``0.9 x max_steps``.
+    """
+    metric = task.target_metric
+    if callable(getattr(task, "chance", None)) and callable(getattr(task, "ceiling", None)):
+        chance = _metric_bound(task.chance(), metric)
+        ceiling = _metric_bound(task.ceiling(), metric)
+        if chance is not None and ceiling is not None:
+            return chance + TARGET_FRACTION * (ceiling - chance)
+        return None
+    if metric == "mean_return" and isinstance(getattr(task, "max_steps", None), int):
+        return TARGET_FRACTION * task.max_steps
+    return None
+
+
+def time_to_target(history: Any, metric: str, target: float | None) -> tuple[float, float]:
+    """(evaluations, wall time) at the first held-out evaluation with ``metric >= target``.
+
+    ``history`` is a run's ``history.csv`` as a DataFrame; (NaN, NaN) when the
+    target is None, the metric was never computed, or never reached.
+    """
+    if target is None or metric not in history.columns:
+        return math.nan, math.nan
+    hit = history[history[metric] >= target]
+    if hit.empty:
+        return math.nan, math.nan
+    first = hit.iloc[0]
+    return float(first["evaluations"]), float(first["wall_time"])
+
+
+def _adam_popsize(searchers: Sequence[str], popsize: int | None) -> int:
+    if popsize is not None:
+        return popsize
+    others = [DEFAULT_POPSIZE[s] for s in searchers if s in DEFAULT_POPSIZE]
+    return max(others, default=ADAM_FALLBACK_POPSIZE)
+
+
+def _validate(task_name: str, searchers: Sequence[str], seeds: int, budget_evals: int,
+              popsize: int | None, task_options: dict[str, Any]) -> Any:
+    from .problems import make_task, task_names
+
+    if task_name not in task_names():
+        raise ValueError(f"unknown task {task_name!r}; known: {', '.join(task_names())}")
+    if isinstance(searchers, str):
+        raise TypeError(f"searchers must be a sequence of names, got the string {searchers!r}")
+    if not searchers:
+        raise ValueError("searchers must name at least one searcher")
+    if len(set(searchers)) != len(searchers):
+        raise ValueError(f"searchers must not repeat a name, got {list(searchers)!r}")
+    for name in searchers:
+        if name not in ALL_SEARCHERS:
+            raise ValueError(f"unknown searcher {name!r}; known: {', '.join(ALL_SEARCHERS)}")
+        if (popsize is not None and name != "adam" and not isinstance(popsize, bool)
+                and isinstance(popsize, int) and popsize < min_popsize(name)):
+            raise ValueError(f"popsize {popsize} is too small for {name} "
+                             f"(needs >= {min_popsize(name)})")
+    for label, value in (("seeds", seeds), ("budget_evals", budget_evals)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if popsize is not None and (isinstance(popsize, bool) or not isinstance(popsize, int)
+                                or popsize < 1):
+        raise ValueError(f"popsize must be a positive integer, got {popsize!r}")
+    task = make_task(task_name, **task_options)
+    if "adam" in searchers and not (callable(getattr(task, "sample", None))
+                                    and callable(getattr(task, "loss", None))):
+        raise ValueError(f"adam needs a supervised task (sample + loss); {task_name!r} is not "
+                         "one: leave adam out of the searchers")
+    return task
+
+
+def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, budget_evals: int,
+            out: str | Path, popsize: int | None = None, device: str = "cpu",
+            stdev: float = 0.05, target: float | None = None,
+            task_options: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+            eval_every: int = 10, searcher_options: dict[str, dict[str, Any]] | None = None,
+            command: str | None = None) -> Any:
+    """Run each searcher with seeds ``0..seeds-1`` on ``task`` for ``budget_evals`` evaluations.
+
+    Args:
+        task: a task name (``evotorch_mqa_moe.problems.task_names()``).
+        searchers: searcher names from :data:`~evotorch_mqa_moe.run.ALL_SEARCHERS`.
+        seeds: runs per searcher, with seeds ``0..seeds-1``.
+        budget_evals: evaluations per run (``adam``: steps x popsize, see the module doc).
+        out: output folder; run ``k`` of searcher ``s`` goes to ``out/s/seed<k>``.
+        popsize: one population size for all searchers (None: each its default).
+        device, stdev, task_options, model, eval_every: as in
+            :class:`~evotorch_mqa_moe.run.RunSettings` (``checkpoint_every`` =
+            ``eval_every``).
+        target: held-out target for time-to-target (default :func:`default_target`).
+        searcher_options: per-searcher constructor overrides, ``{name: {...}}``.
+        command: the command line recorded in ``summary.md`` (default ``sys.argv``).
+
+    Returns:
+        The ``results.csv`` table as a pandas DataFrame (one row per run).
+
+    Raises:
+        ValueError / TypeError: bad arguments (checked before any run starts), or a
+            run folder holding a checkpoint of other settings.
+    """
+    import pandas as pd
+
+    task_options = dict(task_options or {})
+    model = dict(model or {})
+    searcher_options = dict(searcher_options or {})
+    searchers = list(searchers) if not isinstance(searchers, str) else searchers
+    task_obj = _validate(task, searchers, seeds, budget_evals, popsize, task_options)
+    unknown = sorted(set(searcher_options) - set(searchers))
+    if unknown:
+        raise ValueError(f"searcher_options names searchers not compared: {unknown}")
+    metric = task_obj.target_metric
+    if target is None:
+        target = default_target(task_obj)
+        if target is None:
+            logger.warning(f"{task}: no chance/ceiling for {metric}; give a target for "
+                           "time-to-target (left out)")
+    elif not (isinstance(target, (int, float)) and math.isfinite(target)):
+        raise ValueError(f"target must be a finite number, got {target!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict[str, Any]] = []
+    histories: dict[tuple[str, int], Any] = {}
+    total = len(searchers) * seeds
+    for i, name in enumerate(searchers):
+        run_popsize = _adam_popsize(searchers, popsize) if name == "adam" else popsize
+        for seed in range(seeds):
+            settings = RunSettings(
+                task=task, searcher=name, generations=None, max_evaluations=budget_evals,
+                popsize=run_popsize, seed=seed, device=device, stdev=stdev,
+                task_options=task_options, model=model,
+                searcher_options=dict(searcher_options.get(name, {})),
+                eval_every=eval_every, checkpoint_every=eval_every)
+            folder = out / name / f"seed{seed}"
+            resume = (folder / "checkpoint.pt").is_file()
+            logger.info(f"compare {task}: run {i * seeds + seed + 1}/{total}: {name} seed {seed}"
+                        f"{' (resuming)' if resume else ''} -> {folder}")
+            results = run(settings, folder, resume=resume)
+            history = pd.read_csv(folder / "history.csv")
+            histories[(name, seed)] = history
+            evals_hit, time_hit = time_to_target(history, metric, target)
+            rows.append({
+                "task": task, "searcher": name, "seed": seed, "target_metric": metric,
+                "final_metric": float(results["final_metrics"].get(metric, math.nan)),
+                "evaluations": int(results["evaluations"]),
+                "wall_time": float(results["wall_time"]),
+                "evals_to_target": evals_hit, "time_to_target": time_hit,
+                "parameters": int(results["parameters"]),
+                "popsize": (run_popsize if run_popsize is not None
+                            else DEFAULT_POPSIZE.get(name, math.nan)),
+            })
+    table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    _write_csv(table, out / "results.csv")
+    if command is None:
+        command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+    summary = summarize(table, metric=metric, target=target, budget_evals=budget_evals,
+                        command=command)
+    _write_text(summary, out / "summary.md")
+    plots = plot_runs(histories, metric=metric, out=out, target=target)
+    logger.info(f"compare {task}: {len(table)} runs; results.csv, summary.md and "
+                f"{len(plots)} plots in {out}")
+    return table
+
+
+def _write_csv(table: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def machine() -> str:
+    """One line: platform, CPU count, Python / torch / EvoTorch versions."""
+    v = versions()
+    return (f"{v['platform']}, {os.cpu_count()} CPUs, Python {v['python']}, torch {v['torch']}, "
+            f"EvoTorch {v['evotorch']}, evotorch_mqa_moe {v['evotorch_mqa_moe']}")
+
+
+def summarize(table: Any, *, metric: str, target: float | None, budget_evals: int,
+              command: str = "") -> str:
+    """The markdown of ``summary.md`` for a ``results.csv`` table."""
+    task = table["task"].iloc[0] if len(table) else "?"
+    lines = [f"# {task}: searchers compared", "",
+             f"Budget: {budget_evals:,} evaluations per run (adam: steps x popsize). "
+             f"Held-out target metric: `{metric}`"
+             + (f", target {_fmt(target)}." if target is not None
+                else "; no target (time-to-target left out)."), "",
+             f"| searcher | runs | popsize | final {metric}: median [min-max] | "
+             "evaluations | wall time (s) | reached target | median evals to target | "
+             "median time to target (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, g in table.groupby("searcher", sort=False):
+        final = g["final_metric"]
+        hit = g["evals_to_target"].notna()
+        popsizes = ", ".join(str(int(p)) for p in sorted(g["popsize"].dropna().unique()))
+        lines.append(
+            f"| {name} | {len(g)} | {popsizes} | {_fmt(final.median())} "
+            f"[{_fmt(final.min())}-{_fmt(final.max())}] | {_fmt(g['evaluations'].median(), 6)} | "
+            f"{_fmt(g['wall_time'].median(), 3)} | "
+            f"{int(hit.sum()) if target is not None else '-'}/{len(g)} | "
+            f"{_fmt(g.loc[hit, 'evals_to_target'].median(), 6) if hit.any() else '-'} | "
+            f"{_fmt(g.loc[hit, 'time_to_target'].median(), 3) if hit.any() else '-'} |")
+    lines += ["", "Medians of evaluations / time to target are over the seeds that reached it; "
+              "held-out metrics are computed every `eval_every` generations.", "",
+              f"Command: `{command}`", "", f"Machine: {machine()}", "",
+              f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", ""]
+    return "\n".join(lines)
+
+
+def _median_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Median of step-free curves, interpolated on a common x grid inside all of them."""
+    lo = max(float(x[0]) for x, _ in curves)
+    hi = min(float(x[-1]) for x, _ in curves)
+    if not hi > lo:
+        return np.array([]), np.array([])
+    grid = np.linspace(lo, hi, 200)
+    ys = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, np.median(ys, axis=0)
+
+
+def plot_runs(histories: dict[tuple[str, int], Any], *, metric: str, out: str | Path,
+              target: float | None = None) -> list[Path]:
+    """PNG plots of best fitness and held-out ``metric`` against evaluations and wall time.
+
+    ``histories`` maps ``(searcher, seed)`` to that run's history DataFrame. One
+    thin line per run, one colour per searcher, the searcher's median (over
+    runs, interpolated) in bold when it has several runs. Returns the paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display; keeps a backend the caller chose
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    names = list(dict.fromkeys(name for name, _ in histories))
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    paths = []
+    for column, label in (("best_fitness", "best fitness in the population"),
+                          (metric, f"held-out {metric}")):
+        for xcol, xlabel in (("evaluations", "evaluations"), ("wall_time", "wall time (s)")):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for name in names:
+                curves = []
+                for (n, _seed), h in histories.items():
+                    if n != name or column not in h.columns:
+                        continue
+                    d = h[[xcol, column]].dropna()
+                    d = d[np.isfinite(d[column])]
+                    if d.empty:
+                        continue
+                    x, y = d[xcol].to_numpy(float), d[column].to_numpy(float)
+                    ax.plot(x, y, color=colours[name], lw=0.8, alpha=0.45,
+                            marker="." if len(x) < 3 else None)
+                    curves.append((x, y))
+                if len(curves) > 1:
+                    gx, gy = _median_curve(curves)
+                    if len(gx):
+                        ax.plot(gx, gy, color=colours[name], lw=2.5)
+                ax.plot([], [], color=colours[name], lw=2.5, label=name)
+            if column == metric and target is not None:
+                ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {_fmt(target)}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+            fig.tight_layout()
+            path = out / f"{'best_fitness' if column == 'best_fitness' else metric}_vs_{xcol}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
