@@ -93,12 +93,15 @@ def _random_int64(count: int, *, device: torch.device, generator) -> torch.Tenso
     return words.to(device)
 
 
-def _bernoulli_mask(rows: int, cols: int, p: float, *, device, generator) -> torch.Tensor:
+def _bernoulli_mask(
+    rows: int, cols: int, p: float, *, device, generator, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """A ``(rows, cols)`` bool mask, each entry True with probability ``p``, independently.
 
     ``p == 0.5`` uses one random bit per entry; other ``p`` compare 32 random bits
     with ``round(p * 2**32)`` (resolution 2**-32, finer than ``torch.rand``'s 2**-24).
-    The result may be a non-contiguous view.
+    The result may be a non-contiguous view. ``scratch``: an optional int8 buffer of at
+    least ``rows * 8 * ceil(cols / 8)`` elements to build the mask in.
     """
     if p == 0.0:
         return torch.zeros(rows, cols, dtype=torch.bool, device=device)
@@ -111,7 +114,8 @@ def _bernoulli_mask(rows: int, cols: int, p: float, *, device, generator) -> tor
         bits = torch.tensor(_BIT_VALUES, dtype=torch.int8, device=device).view(1, 8, 1)
         # (rows, 8, k): bit j of byte i lands at gene j * k + i. Any bijection from bits
         # to genes gives independent fair coins.
-        planes = torch.bitwise_and(octets, bits).ne_(0).view(torch.bool)
+        out = None if scratch is None else scratch[: rows * 8 * k].view(rows, 8, k)
+        planes = torch.bitwise_and(octets, bits, out=out).ne_(0).view(torch.bool)
         return planes.view(rows, 8 * k)[:, :cols]
     words = _random_int64((rows * cols + 1) // 2, device=device, generator=generator)
     r = words.view(torch.int32)[: rows * cols].view(rows, cols)  # uniform on [-2**31, 2**31)
@@ -196,11 +200,28 @@ def _cross_over_rows(
         chunk = max(1, _CHUNK_GENES // cols)
     else:  # GPU kernels are not branch-bound and one launch per op is cheapest
         chunk = rows
+    # Scratch buffers reused by every chunk: fresh multi-MB allocations are mmapped and
+    # page-faulted on first touch, which costs as much as the arithmetic.
+    chunk = min(chunk, rows)
+    gather = None
+    if index1 is not None or index2 is not None:
+        gather = torch.empty(2, chunk, cols, dtype=dtype, device=device)
+    scratch = (
+        None if int_dtype is None else torch.empty(chunk, cols, dtype=int_dtype, device=device)
+    )
+    mask_scratch = torch.empty(chunk * 8 * ((cols + 7) // 8), dtype=torch.int8, device=device)
     for s in range(0, rows, chunk):
         e = min(rows, s + chunk)
-        a = src1[s:e] if index1 is None else src1.index_select(0, index1[s:e])
-        b = src2[s:e] if index2 is None else src2.index_select(0, index2[s:e])
-        mask = _bernoulli_mask(e - s, cols, p, device=device, generator=generator)
+        r = e - s
+        if index1 is None:
+            a = src1[s:e]
+        else:
+            a = torch.index_select(src1, 0, index1[s:e], out=gather[0, :r])
+        if index2 is None:
+            b = src2[s:e]
+        else:
+            b = torch.index_select(src2, 0, index2[s:e], out=gather[1, :r])
+        mask = _bernoulli_mask(r, cols, p, device=device, generator=generator, scratch=mask_scratch)
         if int_dtype is None:
             torch.where(mask, b, a, out=o1[s:e])
             torch.where(mask, a, b, out=o2[s:e])
@@ -208,7 +229,7 @@ def _cross_over_rows(
             # Exact blend on the bit patterns (NaN payloads and -0.0 survive):
             # d = (a ^ b) where the mask is set, else 0; child1 = a ^ d, child2 = b ^ d.
             ai, bi = a.view(int_dtype), b.view(int_dtype)
-            d = torch.bitwise_xor(ai, bi).mul_(mask)
+            d = torch.bitwise_xor(ai, bi, out=scratch[:r]).mul_(mask)
             torch.bitwise_xor(ai, d, out=o1[s:e].view(int_dtype))
             torch.bitwise_xor(bi, d, out=o2[s:e].view(int_dtype))
 
