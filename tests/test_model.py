@@ -279,3 +279,18 @@ def test_population_forward_rejects_bad_input():
         population_forward(v, population(v, 1), torch.zeros(1, 4, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="token id"):
         MQAMoETransformer(c)(torch.full((1, 3), 99))
+
+
+def test_expert_bias_row_is_a_view_of_the_flat_vector():
+    from evotorch_mqa_moe.model import _stack_bias_row, _weight_views
+
+    c = small()
+    views = _weight_views(c, population(c, 3))
+    w, b = views["layers.0.moe.in_weight"].flatten(-2), views["layers.0.moe.in_bias"].flatten(-2)
+    stacked = _stack_bias_row(w, b)
+    assert stacked.data_ptr() == w.data_ptr()  # no copy
+    assert torch.equal(stacked, torch.cat([w, b.unsqueeze(-2)], dim=-2))
+    # separate tensors (the nn.Module's parameters) are stacked by copying
+    module = MQAMoETransformer(c).layers[0].moe
+    stacked = _stack_bias_row(module.in_weight.flatten(-2), module.in_bias.flatten(-2))
+    assert torch.equal(stacked[-1], module.in_bias.flatten())
