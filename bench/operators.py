@@ -1,6 +1,6 @@
 """GA operators: ours vs EvoTorch's, each as a multiple of ``clone()`` of the population.
 
-Run:  .venv/bin/python bench/operators.py [--rounds 5] [--device cpu] [--threads T]
+Run:  .venv/bin/python bench/operators.py [--rounds 3] [--device cpu] [--threads T]
           [--shapes 256x100000,64x1000000]
 
 For each population shape (P, N) float32 the script times, in interleaved rounds
@@ -157,7 +157,7 @@ def bench_shape(popsize: int, n: int, *, rounds: int, device: torch.device) -> l
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", default="256x100000,64x1000000")
     ap.add_argument(
