@@ -11,7 +11,8 @@ Files written to the output folder:
 * ``best_model.pt``: the final solution (ES centre, GA population best, or the
   trained network) as ``{"config": ..., "state_dict": ...}``; see :func:`load_model`.
 
-Ctrl-C or SIGTERM saves a checkpoint before the run stops; ``resume=True``
+Ctrl-C or SIGTERM stops the run after the current generation and saves a
+checkpoint (a second signal stops at once, keeping the last periodic one); ``resume=True``
 continues from it and ends exactly as an uninterrupted run with the same seed
 would (on the CPU).
 """
@@ -184,20 +185,31 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> MQAMoETr
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so a killed run saves its checkpoint first."""
+def _stop_at_generation_end() -> Iterator[dict[str, Any]]:
+    """Ctrl-C / SIGTERM ask the loop to stop after the current generation.
+
+    Stopping mid-step would leave the searcher half updated, and a checkpoint of
+    that state would not resume exactly; a second signal stops at once (the last
+    periodic checkpoint is kept).
+    """
+    request: dict[str, Any] = {"signal": None}
+
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        if request["signal"] is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        request["signal"] = signum
+        logger.warning("stopping after this generation (signal again to stop at once)")
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        yield request
         return
     try:
-        yield
+        yield request
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
@@ -251,7 +263,7 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
     logger.info(f"{settings.task} with {settings.searcher}: {problem.solution_length:,} "
                 f"parameters, device {settings.device}, output {out}")
     try:
-        with _sigterm_as_interrupt():
+        with _stop_at_generation_end() as stop:
             while not done(len(history)):
                 start = time.perf_counter()
                 searcher.step()
@@ -275,13 +287,18 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
                     logger.info(f"gen {gen} | evals {row['evaluations']:,} | best "
                                 f"{row['best_fitness']:.4g} | mean {row['mean_fitness']:.4g}"
                                 f"{held} | {rate:,.0f} evals/s")
-                if gen % settings.checkpoint_every == 0:
+                if gen % settings.checkpoint_every == 0 or stop["signal"] is not None:
                     save_checkpoint()
+                if stop["signal"] is not None:
+                    logger.warning(f"interrupted at generation {gen}; checkpoint saved to "
+                                   f"{checkpoint_path}; continue with resume")
+                    raise RunInterrupted(f"signal {stop['signal']}")
+    except RunInterrupted:
+        raise
     except KeyboardInterrupt as exc:
-        if history:
-            save_checkpoint()
-        logger.warning(f"interrupted at generation {len(history)}; checkpoint saved to "
-                       f"{checkpoint_path}; continue with resume")
+        # Mid-step: the searcher may be half updated, so its state is not saved.
+        logger.warning(f"interrupted during a generation; the last periodic checkpoint "
+                       f"({checkpoint_path}) is kept; continue with resume")
         raise RunInterrupted(str(exc)) from None
     save_checkpoint()
 
