@@ -241,16 +241,25 @@ def _cross_over_population(
     *,
     swap_probability: float,
     generator,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Children of pairs ``(values[index1[i]], values[index2[i]])``: ``(2 * M, N)``
-    ``[children1; children2]``, gathering parent rows chunk by chunk."""
+    ``[children1; children2]``, gathering parent rows chunk by chunk.
+
+    ``out``: optional contiguous ``(2 * M, N)`` tensor to write the children into.
+    """
     p = _check_probability("swap_probability", swap_probability)
-    out = torch.empty(
-        2, index1.shape[0], values.shape[-1], dtype=values.dtype, device=values.device
-    )
+    m, n = index1.shape[0], values.shape[-1]
+    if out is None:
+        out = torch.empty(2 * m, n, dtype=values.dtype, device=values.device)
+    elif out.shape != (2 * m, n) or not out.is_contiguous() or out.dtype != values.dtype:
+        raise ValueError(
+            f"`out` must be a contiguous {values.dtype} tensor of shape {(2 * m, n)}, "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )
     if out.numel() > 0:
-        _cross_over_rows(values, values, index1, index2, out, p, generator)
-    return out.view(-1, values.shape[-1])
+        _cross_over_rows(values, values, index1, index2, out.view(2, m, n), p, generator)
+    return out
 
 
 def uniform_cross_over(

@@ -17,6 +17,8 @@ Build it with :func:`seed_genetic_algorithm`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from evotorch import Problem, SolutionBatch
 from evotorch.algorithms import GeneticAlgorithm
@@ -117,11 +119,25 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
             problem.evaluate(parents)
             self._needs_eval = False
         parent_fit = _fitness(parents, self._obj)
+        parent_values = parents.values.as_subclass(torch.Tensor)
+        num_parents, length = parent_values.shape
+        num_children = self._cross_over._num_children_for(parents)
+        num_elites = 0 if self._num_elites is None else self._num_elites
 
-        children = self._cross_over(parents)
+        # One buffer holds [elites; children]: it becomes the next population without
+        # the extra full-population copy that SolutionBatch.cat would make.
+        buffer = torch.empty(
+            num_elites + 2 * math.ceil(num_children / 2),
+            length,
+            dtype=parent_values.dtype,
+            device=parent_values.device,
+        )
+        elites = best_first(parent_fit, maximize=self._maximize)[:num_elites]
+        torch.index_select(parent_values, 0, elites, out=buffer[:num_elites])
+        child_values = self._cross_over.make_children(
+            parents, num_children, out=buffer[num_elites:]
+        )
         idx1, idx2 = self._cross_over.last_parent_indices
-        num_children = len(children)
-        child_values = children.values.as_subclass(torch.Tensor)
 
         child_logs = None
         if isinstance(self._step_size, SelfAdaptiveStepSize):
@@ -133,11 +149,11 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
             scale = torch.tensor(self._step_size.scale, dtype=child_values.dtype)
         else:
             scale = None
-        children = SolutionBatch(
-            problem, popsize=num_children, device=child_values.device, empty=True
-        )
-        # The children are a fresh tensor: mutate them in place (saves a copy).
-        children._data = self._mutation.mutate_values(child_values, scale=scale, inplace=True)
+        # The children are fresh: mutate them in place (bounds clipping may copy).
+        mutated = self._mutation.mutate_values(child_values, scale=scale, inplace=True)
+        if mutated is not child_values:
+            child_values.copy_(mutated)
+        children = _batch(problem, child_values)
         problem.evaluate(children)
         child_fit = _fitness(children, self._obj)
 
@@ -150,17 +166,41 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
                 maximize=self._maximize,
             )
 
-        if self._num_elites is None:
-            pool = SolutionBatch.cat([parents, children])
-            keep = best_first(_fitness(pool, self._obj), maximize=self._maximize)[: self._popsize]
-            self._population = pool.take(keep)
-            if child_logs is not None:
-                self._log_scales = torch.cat([self._log_scales, child_logs])[keep]
-        else:
-            elites = best_first(parent_fit, maximize=self._maximize)[: self._num_elites]
-            self._population = SolutionBatch.cat([parents.take(elites), children])
+        if self._num_elites is not None:
+            self._population = _batch(
+                problem,
+                buffer[: num_elites + num_children],
+                torch.cat([parents._evdata[elites], children._evdata]),
+            )
             if child_logs is not None:
                 self._log_scales = torch.cat([self._log_scales[elites], child_logs])
+        else:  # plus-selection: the best popsize of parents and children, best first
+            keep = best_first(torch.cat([parent_fit, child_fit]), maximize=self._maximize)
+            keep = keep[: self._popsize]
+            from_parents = keep < num_parents
+            kp, kc = keep[from_parents], keep[~from_parents] - num_parents
+            values = torch.cat([parent_values[kp], child_values[kc]])
+            evdata = torch.cat([parents._evdata[kp], children._evdata[kc]])
+            self._population = _batch(problem, values, evdata)
+            if child_logs is not None:
+                self._log_scales = torch.cat([self._log_scales[kp], child_logs[kc]])
+
+
+def _batch(
+    problem: Problem, values: torch.Tensor, evdata: torch.Tensor | None = None
+) -> SolutionBatch:
+    """A SolutionBatch over ``values`` ``(P, N)`` (no copy), with ``evdata`` if given."""
+    batch = SolutionBatch(problem, popsize=0, device=values.device, empty=True)
+    batch._data = values
+    if evdata is None:
+        evdata = torch.full(
+            (values.shape[0], batch._evdata.shape[1]),
+            float("nan"),
+            dtype=batch._evdata.dtype,
+            device=values.device,
+        )
+    batch._evdata = evdata
+    return batch
 
 
 def seed_genetic_algorithm(

@@ -113,8 +113,6 @@ class UniformCrossOver(CrossOver):
     @torch.no_grad()
     def _do(self, batch: SolutionBatch) -> SolutionBatch:
         num_children = self._num_children_for(batch)
-        num_pairs = math.ceil(num_children / 2)
-        values = batch.values.as_subclass(torch.Tensor)
         if self._obj_index is None and self.problem.is_multi_objective:
             if num_children % 2:
                 raise ValueError(
@@ -122,39 +120,49 @@ class UniformCrossOver(CrossOver):
                 )
             parents1, parents2 = self._do_tournament(batch)
             self.last_parent_indices = None
-        else:
-            obj = 0 if self._obj_index is None else self._obj_index
-            fitness = batch.evals[:, obj].as_subclass(torch.Tensor)
-            maximize = self.problem.senses[obj] == "max"
-            gen = self.problem.generator
-            if self._truncation_fraction is not None:
-                idx1, idx2 = truncation_pairs(
-                    fitness,
-                    num_pairs,
-                    fraction=self._truncation_fraction,
-                    maximize=maximize,
-                    generator=gen,
-                )
-            else:
-                idx1, idx2 = tournament_pairs(
-                    fitness,
-                    num_pairs,
-                    tournament_size=self._tournament_size,
-                    maximize=maximize,
-                    generator=gen,
-                )
-            idx1, idx2 = idx1.to(values.device), idx2.to(values.device)
-            self.last_parent_indices = (idx1, idx2)
-            # Gathers parent rows chunk by chunk inside the kernel (no full-size copies).
-            children = _cross_over_population(
-                values,
-                idx1,
-                idx2,
-                swap_probability=self._swap_probability,
-                generator=self.problem.generator,
+            return self._do_cross_over(parents1, parents2, num_children=num_children)
+        return self._make_children_batch(self.make_children(batch, num_children))
+
+    @torch.no_grad()
+    def make_children(
+        self, batch: SolutionBatch, num_children: int, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Select pairs from an evaluated ``batch`` and cross them over (single objective).
+
+        Returns ``(num_children, N)`` values: rows ``[children1; children2]`` of
+        ``ceil(num_children / 2)`` pairs, the last one dropped if ``num_children`` is
+        odd. ``out``, if given, is a contiguous ``(2 * ceil(num_children / 2), N)``
+        tensor to write into (the result is a view of it). Sets ``last_parent_indices``.
+        """
+        num_pairs = math.ceil(num_children / 2)
+        values = batch.values.as_subclass(torch.Tensor)
+        obj = 0 if self._obj_index is None else self._obj_index
+        fitness = batch.evals[:, obj].as_subclass(torch.Tensor)
+        maximize = self.problem.senses[obj] == "max"
+        gen = self.problem.generator
+        if self._truncation_fraction is not None:
+            idx1, idx2 = truncation_pairs(
+                fitness,
+                num_pairs,
+                fraction=self._truncation_fraction,
+                maximize=maximize,
+                generator=gen,
             )
-            return self._make_children_batch(children[:num_children])
-        return self._do_cross_over(parents1, parents2, num_children=num_children)
+        else:
+            idx1, idx2 = tournament_pairs(
+                fitness,
+                num_pairs,
+                tournament_size=self._tournament_size,
+                maximize=maximize,
+                generator=gen,
+            )
+        idx1, idx2 = idx1.to(values.device), idx2.to(values.device)
+        self.last_parent_indices = (idx1, idx2)
+        # Gathers parent rows chunk by chunk inside the kernel (no full-size copies).
+        children = _cross_over_population(
+            values, idx1, idx2, swap_probability=self._swap_probability, generator=gen, out=out
+        )
+        return children[:num_children]
 
     @torch.no_grad()
     def _do_cross_over(

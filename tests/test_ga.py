@@ -82,6 +82,29 @@ def test_nan_fitness_is_never_kept_as_best(num_elites):
         assert saw_nan  # NaN children were produced, yet never became elites
 
 
+@pytest.mark.parametrize("num_elites", [3, None])
+@pytest.mark.parametrize("step_size", [None, "self_adaptive"])
+def test_population_values_and_stored_evals_agree(num_elites, step_size):
+    # The GA assembles the next population in place (no SolutionBatch.cat): the stored
+    # fitness must still be the fitness of the stored values, elites first and intact.
+    problem = make_problem()
+    ga = seed_genetic_algorithm(
+        problem, popsize=15, num_elites=num_elites, re_evaluate=False, step_size=step_size
+    )
+    for _ in range(4):
+        before = ga.population.values.clone()
+        before_fit = ga.population.evals[:, 0].clone()
+        ga.step()
+        values, evals = ga.population.values, ga.population.evals[:, 0]
+        assert values.shape == (15, 10) and evals.shape == (15,)
+        assert torch.allclose(evals, sphere(values))
+        if step_size:
+            assert ga.log_step_scales.shape == (15,)
+        if num_elites and not torch.isnan(before_fit).any():
+            best = torch.argsort(before_fit)[:3]
+            assert torch.equal(values[:3], before[best])
+
+
 def test_same_seed_same_run_different_seed_different_run():
     def final(seed):
         ga = seed_genetic_algorithm(make_problem(seed=seed), popsize=16, step_size="self_adaptive")
