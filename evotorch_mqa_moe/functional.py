@@ -21,7 +21,7 @@ while 64 random bits drawn as one int64 word cost ~1/60 of a float each. So:
 ``torch.where`` with a random mask runs ~2x slower than its memory traffic on
 this CPU (a branchy scalar loop), so the cross-over selects genes with an exact
 bitwise blend ``a ^ ((a ^ b) & mask)`` on an integer view of the floats, in
-row chunks of ~1M genes so that the temporaries stay in cache (1.7 vs 2.4
+row chunks of 1M-4M genes so that the temporaries stay in cache (1.4-1.9 vs 2.4
 clones for 128 pairs at 100k genes; parent rows are gathered chunk by chunk too).
 """
 
@@ -42,11 +42,14 @@ __all__ = [
 ]
 
 # Genes per cross-over chunk on CPU, so operands and temporaries stay in cache. Measured
-# for 128 pairs x 100k float32, in clones: 2 threads 1M 1.66, 2M 1.73, 4M 1.89, unchunked
-# 2.37; 1 thread 256k 1.97, 1M 1.77, 4M 2.23. On an oversubscribed machine every
-# multi-threaded op waits for descheduled threads (2 threads, load 6: 1M ~6-10 clones):
-# there, torch.set_num_threads(1) is the fix, not bigger chunks.
+# for 128 pairs x 100k float32, in clones: 1 thread 256k 1.85, 1M 1.42-1.7, 4M 1.8-2.2;
+# 2 threads on a quiet machine 1M 1.66, 2M 1.73, 4M 1.89, unchunked 2.37. With the cores
+# shared by other busy processes every multi-threaded op waits for descheduled threads,
+# so many small ops collapse (2 threads, load 5-6: 1M 6-14, 4M 3.4-3.8, unchunked
+# 2.0-2.8). Hence 1M chunks with one thread and 4M with several (robust, ~0.2 clone
+# slower when quiet); torch.set_num_threads(1) is the real fix on a shared machine.
 _CHUNK_GENES = 1 << 20
+_CHUNK_GENES_MULTITHREAD = 1 << 22
 
 # Integer dtype with the same width as each float dtype, for the exact bitwise blend.
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -197,7 +200,8 @@ def _cross_over_rows(
     if src1.is_complex() or dtype == torch.bool:
         int_dtype = None
     if device.type == "cpu":
-        chunk = max(1, _CHUNK_GENES // cols)
+        genes = _CHUNK_GENES if torch.get_num_threads() == 1 else _CHUNK_GENES_MULTITHREAD
+        chunk = max(1, genes // cols)
     else:  # GPU kernels are not branch-bound and one launch per op is cheapest
         chunk = rows
     # Scratch buffers reused by every chunk: fresh multi-MB allocations are mmapped and

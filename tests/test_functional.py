@@ -82,6 +82,7 @@ def test_cross_over_copies_bits_exactly_and_leaves_inputs_alone():
 
 def test_cross_over_non_contiguous_and_chunked_rows(monkeypatch):
     monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * 800)  # 3 rows per chunk
+    monkeypatch.setattr(functional, "_CHUNK_GENES_MULTITHREAD", 3 * 800)
     base = torch.randn(40, 800, generator=gen(1))
     a, b = base[::2], base[1::2]
     c1, c2 = uniform_cross_over(a, b, generator=gen(2))
@@ -91,6 +92,7 @@ def test_cross_over_non_contiguous_and_chunked_rows(monkeypatch):
 
 def test_cross_over_population_gathers_rows_in_chunks(monkeypatch):
     monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * 500)  # 3 rows per chunk
+    monkeypatch.setattr(functional, "_CHUNK_GENES_MULTITHREAD", 3 * 500)
     values = torch.randn(50, 500, generator=gen(1))
     idx1 = torch.randint(50, (40,), generator=gen(2))
     idx2 = (idx1 + 1) % 50
