@@ -207,9 +207,6 @@ def _cross_over_rows(
     # Scratch buffers reused by every chunk: fresh multi-MB allocations are mmapped and
     # page-faulted on first touch, which costs as much as the arithmetic.
     chunk = min(chunk, rows)
-    gather = None
-    if index1 is not None or index2 is not None:
-        gather = torch.empty(2, chunk, cols, dtype=dtype, device=device)
     scratch = (
         None if int_dtype is None else torch.empty(chunk, cols, dtype=int_dtype, device=device)
     )
@@ -217,14 +214,10 @@ def _cross_over_rows(
     for s in range(0, rows, chunk):
         e = min(rows, s + chunk)
         r = e - s
-        if index1 is None:
-            a = src1[s:e]
-        else:
-            a = torch.index_select(src1, 0, index1[s:e], out=gather[0, :r])
-        if index2 is None:
-            b = src2[s:e]
-        else:
-            b = torch.index_select(src2, 0, index2[s:e], out=gather[1, :r])
+        # Advanced indexing, not index_select: with 2 threads index_select took 5-10x
+        # longer than a clone of the same rows here, indexing ~1.2x.
+        a = src1[s:e] if index1 is None else src1[index1[s:e]]
+        b = src2[s:e] if index2 is None else src2[index2[s:e]]
         mask = _bernoulli_mask(r, cols, p, device=device, generator=generator, scratch=mask_scratch)
         if int_dtype is None:
             torch.where(mask, b, a, out=o1[s:e])

@@ -133,7 +133,7 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
             device=parent_values.device,
         )
         elites = best_first(parent_fit, maximize=self._maximize)[:num_elites]
-        torch.index_select(parent_values, 0, elites, out=buffer[:num_elites])
+        buffer[:num_elites] = parent_values[elites]
         child_values = self._cross_over.make_children(
             parents, num_children, out=buffer[num_elites:]
         )
