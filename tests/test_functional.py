@@ -90,7 +90,9 @@ def test_cross_over_non_contiguous_and_chunked_rows(monkeypatch):
     assert within_binomial(int((c1 == b).sum()), a.numel(), 0.5)
 
 
-def test_cross_over_population_gathers_rows_in_chunks(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])  # two gather paths
+def test_cross_over_population_gathers_rows_in_chunks(monkeypatch, threads):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * 500)  # 3 rows per chunk
     monkeypatch.setattr(functional, "_CHUNK_GENES_MULTITHREAD", 3 * 500)
     values = torch.randn(50, 500, generator=gen(1))
