@@ -177,7 +177,8 @@ def main() -> None:
     ga_ours, ga_stock = make_gas(args, config, ours, stock, next_epoch)
     timer = EvalTimer(ours, args.device)
     # Split the time outside evaluation (SeedGeneticAlgorithm calls these two).
-    ga_ours._cross_over = cross_timer = Timed(ga_ours._cross_over, args.device)
+    ga_ours._cross_over.make_children = cross_timer = Timed(ga_ours._cross_over.make_children,
+                                                            args.device)
     ga_ours._mutation.mutate_values = mut_timer = Timed(ga_ours._mutation.mutate_values,
                                                         args.device)
     ga_ours.step()  # warm-up, and the first generation of both GAs must agree

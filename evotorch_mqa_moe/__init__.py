@@ -6,7 +6,10 @@ turns a :class:`Task` into an EvoTorch ``NEProblem`` that evaluates the whole
 population at once.
 """
 
+from .adaptive import SelfAdaptiveStepSize, SuccessRule, per_tensor_stdev
 from .config import PRESETS, TransformerConfig, preset
+from .functional import gaussian_mutation, uniform_cross_over
+from .ga import SeedGeneticAlgorithm, seed_genetic_algorithm
 from .model import (
     EncoderLayer,
     MixtureOfExperts,
@@ -16,6 +19,9 @@ from .model import (
     num_parameters,
     population_forward,
 )
+from .operators import GaussianMutation, UniformCrossOver
+from .problem import TransformerProblem
+from .searchers import SEARCHERS, make_searcher
 from .task import SupervisedTask, Task
 
 __version__ = "0.1.0"
@@ -33,4 +39,16 @@ __all__ = [
     "population_forward",
     "SupervisedTask",
     "Task",
+    "TransformerProblem",
+    "SEARCHERS",
+    "make_searcher",
+    "uniform_cross_over",
+    "gaussian_mutation",
+    "UniformCrossOver",
+    "GaussianMutation",
+    "SeedGeneticAlgorithm",
+    "seed_genetic_algorithm",
+    "SelfAdaptiveStepSize",
+    "SuccessRule",
+    "per_tensor_stdev",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def _run(args: argparse.Namespace) -> None:
           f"{results['wall_time']:.1f} s); files in {args.out}")
 
 
-def _compare(args: argparse.Namespace) -> None:
+def _compare(args: argparse.Namespace, command: str) -> None:
     from .compare import compare
     from .run import ALL_SEARCHERS
 
@@ -154,7 +155,8 @@ def _compare(args: argparse.Namespace) -> None:
     compare(args.task, searchers, seeds=args.seeds, budget_evals=args.budget_evals,
             out=args.out, popsize=args.popsize, device=args.device, stdev=args.stdev,
             target=args.target, task_options=_key_values(args.task_option, "--task-option"),
-            model=_key_values(args.model, "--model"), eval_every=args.eval_every)
+            model=_key_values(args.model, "--model"), eval_every=args.eval_every,
+            command=command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             _run(args)
         else:
-            _compare(args)
+            _compare(args, "evotorch-mqa-moe " + shlex.join(sys.argv[1:] if argv is None
+                                                            else argv))
     except KeyboardInterrupt:
         print("evotorch-mqa-moe: interrupted; checkpoint saved, continue with --resume",
               file=sys.stderr)
