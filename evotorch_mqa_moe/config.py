@@ -47,7 +47,9 @@ class TransformerConfig:
         pooling: ``None`` for per-position outputs ``(B, T, O)``; ``"mean"``,
             ``"first"`` or ``"last"`` pool over positions before the head,
             giving ``(B, O)`` for sequence classification.
-        activation: expert nonlinearity, ``"gelu"`` or ``"relu"``.
+        activation: expert nonlinearity, ``"relu"`` (default: a quarter of
+            GELU's cost on the widest tensor, and it learned the example problems as
+            well) or ``"gelu"``.
         norm_eps: LayerNorm epsilon.
     """
 
@@ -66,7 +68,7 @@ class TransformerConfig:
     positional: str = "sinusoidal"
     norm: str = "pre"
     pooling: str | None = None
-    activation: str = "gelu"
+    activation: str = "relu"
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:

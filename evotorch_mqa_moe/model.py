@@ -188,7 +188,10 @@ def mixture_of_experts(
     w_in_b = _stack_bias_row(w_in.flatten(-2), b_in.flatten(-2))  # (*lead, D+1, E*F)
     hidden = torch.matmul(torch.cat([x, ones], dim=-1), w_in_b)  # (*lead, M, E*F)
     hidden = F.gelu(hidden) if config.activation == "gelu" else hidden.relu_()
-    hidden.view(*lead, M, E, Fd).mul_(gates.unsqueeze(-1))  # in place: the largest tensor
+    if hidden.requires_grad:  # backprop needs the activation's output intact
+        hidden = (hidden.view(*lead, M, E, Fd) * gates.unsqueeze(-1)).view(*lead, M, E * Fd)
+    else:  # in place: this is the largest tensor of the pass
+        hidden.view(*lead, M, E, Fd).mul_(gates.unsqueeze(-1))
     out = torch.matmul(hidden, w_out.reshape(*w_out.shape[:-3], E * Fd, D))
     return out.add_(torch.matmul(gates, b_out))  # gate-weighted expert biases
 

@@ -82,15 +82,17 @@ def test_top_k_gate_renormalises_over_chosen_experts():
     assert torch.allclose(gate_weights(logits, None), logits.softmax(-1))
 
 
-def test_moe_equals_explicit_sum_over_experts():
-    c = small(top_k=2)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_moe_equals_explicit_sum_over_experts(activation):
+    c = small(top_k=2, activation=activation)
+    act = F.relu if activation == "relu" else F.gelu
     model = MQAMoETransformer(c)
     moe = model.layers[0].moe
     x = torch.randn(2, 4, c.embed_dim)
     gates = gate_weights(x @ moe.gate_weight + moe.gate_bias, 2)
     ref = sum(
         gates[..., e : e + 1]
-        * (F.gelu(x @ moe.in_weight[:, e] + moe.in_bias[e]) @ moe.out_weight[e] + moe.out_bias[e])
+        * (act(x @ moe.in_weight[:, e] + moe.in_bias[e]) @ moe.out_weight[e] + moe.out_bias[e])
         for e in range(c.num_experts)
     )
     assert torch.allclose(moe(x), ref, atol=TOL)
@@ -111,7 +113,7 @@ CASES = list(
 @pytest.mark.parametrize("kv_heads,causal,top_k,norm", CASES)
 def test_population_rows_equal_single_module(kv_heads, causal, top_k, norm):
     c = small(num_kv_heads=kv_heads, causal=causal, top_k=top_k, norm=norm,
-              positional="both")
+              positional="both", activation="gelu" if causal else "relu")
     P = 5
     params = population(c, P)
     gen = torch.Generator().manual_seed(1)
