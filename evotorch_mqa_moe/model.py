@@ -576,7 +576,7 @@ def default_chunk_size(config: TransformerConfig, rows: int, device: torch.devic
     and is far larger on accelerators, where big batches pay.
     """
     if memory_budget is None:
-        memory_budget = (2 << 30) if torch.device(device).type != "cpu" else (16 << 20)
+        memory_budget = (2 << 30) if torch.device(device).type != "cpu" else (24 << 20)
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}")
     per = _bytes_per_individual(config, rows, torch.empty(0, dtype=dtype).element_size())
