@@ -414,18 +414,7 @@ def gaussian_mutation(
     gaps); above, every gene gets one and the untouched ``1 - p`` are zeroed. Both
     give exactly independent Bernoulli(``p``) choices.
     """
-    if not isinstance(values, torch.Tensor):
-        raise TypeError(f"`values` must be a tensor, got {type(values).__name__}")
-    if not values.is_floating_point():
-        raise TypeError(f"`values` must be floating point, got dtype {values.dtype}")
-    p = (
-        1.0
-        if mutation_probability is None
-        else _check_probability("mutation_probability", mutation_probability)
-    )
-    stdev = _check_stdev(stdev, shape=values.shape)
-    if isinstance(stdev, torch.Tensor):
-        stdev = stdev.to(device=values.device, dtype=values.dtype)
+    p, stdev = _mutation_args(values, stdev, mutation_probability)
     return _mutate(values, (stdev,), p, generator)
 
 
@@ -442,12 +431,18 @@ def gaussian_mutation_(
     (with the same generator state both give the same numbers) but skips the copy:
     use it on a tensor you just made, e.g. fresh children of a cross-over.
     """
+    p, stdev = _mutation_args(values, stdev, mutation_probability)
+    if not values.is_contiguous():
+        raise ValueError("`values` must be contiguous for in-place mutation")
+    return _mutate(values, (stdev,), p, generator, inplace=True)
+
+
+def _mutation_args(values: torch.Tensor, stdev, mutation_probability) -> tuple:
+    """Validated ``(p, stdev)`` for the mutation kernels (stdev moved to ``values``)."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"`values` must be a tensor, got {type(values).__name__}")
     if not values.is_floating_point():
         raise TypeError(f"`values` must be floating point, got dtype {values.dtype}")
-    if not values.is_contiguous():
-        raise ValueError("`values` must be contiguous for in-place mutation")
     p = (
         1.0
         if mutation_probability is None
@@ -456,7 +451,7 @@ def gaussian_mutation_(
     stdev = _check_stdev(stdev, shape=values.shape)
     if isinstance(stdev, torch.Tensor):
         stdev = stdev.to(device=values.device, dtype=values.dtype)
-    return _mutate(values, (stdev,), p, generator, inplace=True)
+    return p, stdev
 
 
 def _mutate(
