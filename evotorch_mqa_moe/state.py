@@ -21,6 +21,7 @@ __all__ = ["capture", "restore"]
 _PRIMITIVES = (bool, int, float, str, type(None))
 _OBJ, _GEN, _LIST, _TUPLE = "__object__", "__generator__", "__list__", "__tuple__"
 _NDARRAY = "__ndarray__"
+_CLASS = "__class__"
 _SKIP_ATTRS = {
     # callbacks and their containers, Ray handles, the task (stateless by contract),
     # the network template (rebuilt from the config)
@@ -70,7 +71,7 @@ def _leaf(value: Any, seen: dict[int, str], path: str) -> Any:
 
 
 def _walk(obj: Any, seen: dict[int, str], path: str) -> dict[str, Any]:
-    state = {}
+    state: dict[str, Any] = {_CLASS: type(obj).__qualname__}
     for name, value in vars(obj).items():
         if name in _SKIP_ATTRS or name in _CACHES or callable(value) and not _is_ours(value):
             continue
@@ -117,9 +118,15 @@ def _decode(current: Any, saved: Any, path: str = "") -> Any:
 
 
 def _restore_into(obj: Any, state: dict[str, Any], path: str = "") -> None:
+    saved_class = state.get(_CLASS, type(obj).__qualname__)
+    if saved_class != type(obj).__qualname__:
+        raise ValueError(f"checkpoint holds a {saved_class} at {path or '.'}, "
+                         f"but the rebuilt searcher has a {type(obj).__qualname__} there")
     for name in _CACHES & set(vars(obj)):
         setattr(obj, name, type(getattr(obj, name))())
     for name, saved in state.items():
+        if name == _CLASS:
+            continue
         current = getattr(obj, name, None)
         value = _decode(current, saved, f"{path}.{name}")
         if value is not current:
