@@ -9,8 +9,10 @@ arguments resumes unfinished runs and re-reads finished ones.
     python examples/compare_baselines.py --budget-evals 2000 --seeds 1   # a quick look
 
 The same as ``evotorch-mqa-moe compare reverse --searchers pgpe,ga,snes,cmaes,adam
---seeds 2 --budget-evals 30000 --out runs/compare-reverse`` (at 30,000
-evaluations PGPE and Adam reach 100% exact on `reverse`; see README's results for 60,000).
+--seeds 2 --budget-evals 30000 --out runs/compare-reverse`` (measured: at
+30,000 evaluations PGPE reached 100% exact on `reverse`, CMA-ES 82%, Adam 30% after
+its 100 steps (30,000 / 300, the GA's default popsize), the GA and SNES not yet;
+README's results use 60,000 evaluations and popsize 200).
 """
 
 import argparse
