@@ -196,8 +196,12 @@ def mixture_of_experts(
     return out.add_(torch.matmul(gates, b_out))  # gate-weighted expert biases
 
 
+@functools.lru_cache(maxsize=32)
 def sinusoidal_positions(seq_len: int, dim: int, device=None, dtype=None) -> Tensor:
-    """The fixed sine/cosine position code of Vaswani et al. (2017): (T, D)."""
+    """The fixed sine/cosine position code of Vaswani et al. (2017): (T, D).
+
+    Cached (built once per shape, device and dtype); do not modify the result in place.
+    """
     position = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None]
     freq = torch.exp(
         torch.arange(0, dim, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / dim)
