@@ -1,6 +1,8 @@
 """Population forward pass: ours vs. a module loop vs. vmap(functional_call), and torch.mm peak.
 
 Run:  .venv/bin/python bench/forward.py [--popsize 256] [--rounds 5] [--device cpu]
+GPU:  .venv/bin/python bench/forward.py --device cuda [--dtype bfloat16]
+      .venv/bin/python bench/forward.py --device cuda --preset seed --popsize 64
 
 Config A (the model issue): P=256, embed 64, 4 heads, 1 KV head, 4 experts of 128,
 dense gate, 2 layers, T=16, B=32, float32. The methods are timed in interleaved
@@ -97,6 +99,7 @@ def peak_memory_child(method: str, args) -> int:
     out = subprocess.run(
         [sys.executable, __file__, "--memory-of", method, "--popsize", str(args.popsize),
          "--threads", str(torch.get_num_threads()), "--seq", str(args.seq),
+         "--preset", args.preset,
          "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype],
         capture_output=True, text=True, check=True,
     )
@@ -109,7 +112,7 @@ def _rss_kib(field: str) -> int:
 
 
 def setup(args):
-    config = preset("bench-a", max_seq_len=args.seq)
+    config = preset(args.preset, max_seq_len=max(args.seq, preset(args.preset).max_seq_len))
     dtype = getattr(torch, args.dtype)
     params = init_parameters(config, args.popsize, generator=torch.Generator().manual_seed(0),
                              dtype=dtype).to(args.device)
@@ -126,6 +129,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--preset", default="bench-a", help="bench-a (config A) or seed (GPU scale)")
     ap.add_argument("--chunks", default="", help="comma-separated chunk sizes to sweep too")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
@@ -152,7 +156,8 @@ def main() -> None:
         return
 
     print(machine_report())
-    print(f"config A: {config}\nN = {num_parameters(config):,} parameters, P = {args.popsize}, "
+    print(f"config {args.preset}: {config}")
+    print(f"N = {num_parameters(config):,} parameters, P = {args.popsize}, "
           f"B = {args.batch}, T = {args.seq}, {args.dtype}, device {args.device}, "
           f"{torch.get_num_threads()} threads, "
           f"default chunk = {default_chunk_size(config, args.batch * args.seq, args.device)}")
