@@ -197,3 +197,20 @@ def test_ray_actors_with_seed_give_the_same_fitness():
         assert math.isfinite(float(searcher.status["best_eval"]))
     finally:
         remote.kill_actors()
+
+
+def test_stock_genetic_algorithm_with_our_operators():
+    from evotorch.algorithms import GeneticAlgorithm
+
+    from evotorch_mqa_moe import GaussianMutation, UniformCrossOver
+
+    p = tiny_problem(seed=2)
+    ga = GeneticAlgorithm(p, popsize=8, elitist=True, re_evaluate=True, operators=[
+        UniformCrossOver(p, tournament_size=2),
+        GaussianMutation(p, stdev=0.05, mutation_probability=0.1)])
+    p.refresh_data_each_step(ga)
+    best = []
+    for _ in range(3):
+        ga.step()
+        best.append(float(ga.status["pop_best_eval"]))
+    assert all(math.isfinite(b) for b in best)
