@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from evotorch_mqa_moe.problems.cartpole import (
-    TIME_STEP,
-    TRAIN_SEED_SPACE,
-    CartPoleTask,
-    start_states,
-)
 
 from evotorch_mqa_moe.model import (
     MQAMoETransformer,
     PopulationModel,
     check_inputs,
     num_parameters,
+)
+from evotorch_mqa_moe.problems.cartpole import (
+    TIME_STEP,
+    TRAIN_SEED_SPACE,
+    CartPoleTask,
+    start_states,
 )
 from evotorch_mqa_moe.task import Task
 
