@@ -143,13 +143,9 @@ def _run(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace, command: str) -> None:
     from .compare import compare
-    from .run import ALL_SEARCHERS
 
+    # compare() validates the searcher names and popsize before any run starts.
     searchers = [s.strip() for s in args.searchers.split(",") if s.strip()]
-    for name in searchers:
-        if name not in ALL_SEARCHERS:
-            raise ValueError(f"unknown searcher {name!r}; known: {', '.join(ALL_SEARCHERS)}")
-        _check_popsize(name, args.popsize)
     if args.seeds < 1 or args.budget_evals < 1:
         raise ValueError("--seeds and --budget-evals must be positive")
     compare(args.task, searchers, seeds=args.seeds, budget_evals=args.budget_evals,

@@ -6,7 +6,7 @@ turns it into an EvoTorch ``NEProblem`` that evaluates the whole population in
 one vectorised pass, so a stock EvoTorch searcher (here SNES) works unchanged;
 ``make_searcher`` gives our tuned defaults (here PGPE with ClipUp).
 
-    python examples/custom_task.py                    # ~1-2 minutes on a laptop CPU
+    python examples/custom_task.py                    # 100 generations of SNES and of PGPE
     python examples/custom_task.py --generations 20   # a quick look
 """
 

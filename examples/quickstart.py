@@ -1,6 +1,6 @@
 """Quickstart: evolve a small MQA/MoE transformer to reverse sequences with PGPE.
 
-    python examples/quickstart.py                   # 150 generations, 1-4 minutes
+    python examples/quickstart.py                   # 150 generations
     python examples/quickstart.py --generations 20  # a quick look
 
 With the defaults (PGPE-ClipUp, popsize 200, ~3.5k parameters, seed 0) the
