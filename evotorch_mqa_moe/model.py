@@ -128,9 +128,12 @@ def _stack_bias_row(weight: Tensor, bias: Tensor) -> Tensor:
     """(..., I, O) and (..., O) -> (..., I+1, O) with the bias as last row.
 
     A view when the bias follows the weight in memory, as it does for weights
-    sliced out of flat solution vectors; a small copy otherwise.
+    sliced out of flat solution vectors; a small copy otherwise, and always when
+    autograd records: through the view, the bias genes got no gradient (0).
     """
     I, O = weight.shape[-2:]
+    if torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad):
+        return torch.cat([weight, bias.unsqueeze(-2)], dim=-2)
     try:
         adjacent = (
             weight.stride(-1) == 1 and weight.stride(-2) == O and bias.stride(-1) == 1
