@@ -127,6 +127,182 @@ def test_cross_over_rejects_mismatched_parents():
         uniform_cross_over(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64))
 
 
+# --------------------------------------------------------------------------- group cross-over
+
+
+def matrix_columns(rows, cols):
+    """Ids of a (rows, cols) weight flattened: group j = column j (a strided plan block)."""
+    return torch.arange(cols).repeat(rows)
+
+
+GROUP_PATTERNS = {
+    "columns": lambda: torch.cat([matrix_columns(30, 17), torch.arange(17)]),  # + a bias
+    "runs": lambda: torch.arange(600) // 37,  # contiguous runs (tensors, layers)
+    "scattered": lambda: torch.randint(0, 40, (600,), generator=gen(9)),  # no structure
+    "sparse-ids": lambda: torch.randint(0, 40, (600,), generator=gen(9)) * 1000 + 5,
+}
+
+
+def group_sums(mask, ids):
+    """(R, G) number of genes of each group taken from the second parent, and sizes (G,)."""
+    dense = torch.unique(ids, return_inverse=True)[1]
+    count = int(dense.max()) + 1
+    taken = torch.zeros(mask.shape[0], count).index_add_(1, dense, mask.float())
+    return taken, torch.bincount(dense, minlength=count).float()
+
+
+def assert_groups_whole(a, b, c1, c2, ids):
+    """Every gene from a parent, complements, each group whole; returns (R, G) swapped."""
+    from_b = c1 == b
+    assert torch.all(from_b | (c1 == a))
+    assert torch.all(torch.where(from_b, c2 == a, c2 == b))  # complement
+    taken, size = group_sums(from_b.reshape(-1, a.shape[-1]), ids)
+    assert torch.all((taken == 0) | (taken == size)), "a group was split between parents"
+    return taken == size
+
+
+@pytest.mark.parametrize("pattern", list(GROUP_PATTERNS))
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_group_cross_over_takes_groups_whole_at_rate_p(pattern, p):
+    ids = GROUP_PATTERNS[pattern]()
+    rows = 2000
+    a = torch.randn(rows, ids.numel(), generator=gen(1))
+    b = torch.randn(rows, ids.numel(), generator=gen(2))  # every gene differs from a (a.s.)
+    c1, c2 = uniform_cross_over(a, b, swap_probability=p, generator=gen(3), groups=ids)
+    swapped = assert_groups_whole(a, b, c1, c2, ids)
+    # Each (row, group) swaps independently with probability p: every group's swap count
+    # over the rows is Binomial(rows, p), within 5 standard deviations (a false alarm has
+    # probability ~6e-7 per group); so is the count of rows where groups 0 and 1 both swap
+    # (Binomial(rows, p^2)), which a draw shared between groups would fail.
+    for count in swapped.sum(0).tolist():
+        assert within_binomial(count, rows, p)
+    assert within_binomial(int((swapped[:, 0] & swapped[:, 1]).sum()), rows, p * p)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_group_cross_over_extreme_probabilities(p):
+    a, b = torch.zeros(3, 10), torch.ones(3, 10)
+    ids = torch.arange(10) % 3
+    c1, c2 = uniform_cross_over(a, b, swap_probability=p, generator=gen(), groups=ids)
+    assert torch.equal(c1, b if p else a) and torch.equal(c2, a if p else b)
+
+
+def test_group_cross_over_copies_bits_and_leaves_inputs_alone():
+    a = torch.tensor([[float("nan"), -0.0, float("inf"), 1e-45] * 25] * 6)
+    b = torch.tensor([[0.0, float("-inf"), 3.0, -1e38] * 25] * 6)
+    ids = torch.arange(100) % 7
+    a0, b0, ids0 = a.clone(), b.clone(), ids.clone()
+    c1, c2 = uniform_cross_over(a, b, generator=gen(), groups=ids)
+    ai, bi, c1i, c2i = (t.view(torch.int32) for t in (a, b, c1, c2))
+    assert torch.all((c1i == ai) | (c1i == bi)) and torch.all((c2i == ai) | (c2i == bi))
+    assert torch.equal(ai, a0.view(torch.int32)) and torch.equal(b, b0)
+    assert torch.equal(ids, ids0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int64, torch.bool])
+def test_group_cross_over_dtypes_and_batch_dims(dtype):
+    a = torch.randn(2, 3, 40, 50, generator=gen(1)).gt(0).to(dtype)
+    b = ~a if dtype == torch.bool else a + 1
+    ids = torch.arange(50) // 10
+    c1, c2 = uniform_cross_over(a, b, generator=gen(2), groups=ids)
+    assert c1.shape == a.shape and c1.dtype == dtype
+    assert_groups_whole(a, b, c1, c2, ids)
+
+
+def test_group_cross_over_seeds():
+    a, b = torch.zeros(8, 100), torch.ones(8, 100)
+    ids = torch.arange(100) % 10
+    r1 = uniform_cross_over(a, b, generator=gen(7), groups=ids)[0]
+    r2 = uniform_cross_over(a, b, generator=gen(7), groups=ids)[0]
+    r3 = uniform_cross_over(a, b, generator=gen(8), groups=ids)[0]
+    assert torch.equal(r1, r2) and not torch.equal(r1, r3)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_group_cross_over_plan_gather_and_blocking_agree(monkeypatch, p):
+    # The strided-copy plan and the per-gene gather expand the same draws, and every
+    # row consumes a fixed number of random words, so the children do not depend on the
+    # path, the chunk size or the mask block size.
+    ids = torch.cat([matrix_columns(20, 9), torch.arange(9), torch.arange(60) // 7 + 9])
+    a = torch.randn(50, ids.numel(), generator=gen(1))
+    b = torch.randn(50, ids.numel(), generator=gen(2))
+    plan = functional._prepare_groups(ids.clone(), ids.numel(), a.device)
+    assert plan.segments is not None and len(plan.segments) <= 8
+    ref = uniform_cross_over(a, b, swap_probability=p, generator=gen(3), groups=ids.clone())
+    monkeypatch.setattr(functional, "_MAX_PLAN_SEGMENTS", 0)  # force the gather
+    assert functional._prepare_groups(ids.clone(), ids.numel(), a.device).segments is None
+    gathered = uniform_cross_over(a, b, swap_probability=p, generator=gen(3), groups=ids.clone())
+    monkeypatch.undo()
+    monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * ids.numel())
+    monkeypatch.setattr(functional, "_CHUNK_GENES_MULTITHREAD", 3 * ids.numel())
+    monkeypatch.setattr(functional, "_MASK_BLOCK_GENES", 7 * ids.numel())  # 2 chunks a block
+    chunked = uniform_cross_over(a, b, swap_probability=p, generator=gen(3), groups=ids.clone())
+    for other in (gathered, chunked):
+        assert torch.equal(ref[0], other[0]) and torch.equal(ref[1], other[1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # two gather paths
+def test_group_cross_over_population_pairs(monkeypatch, threads):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * 500)
+    monkeypatch.setattr(functional, "_CHUNK_GENES_MULTITHREAD", 3 * 500)
+    monkeypatch.setattr(functional, "_MASK_BLOCK_GENES", 6 * 500)
+    values = torch.randn(50, 500, generator=gen(1))
+    before = values.clone()
+    ids = matrix_columns(25, 20)
+    idx1 = torch.randint(50, (40,), generator=gen(2))
+    idx2 = (idx1 + 1) % 50
+    children = _cross_over_population(
+        values, idx1, idx2, swap_probability=0.5, generator=gen(3), groups=ids
+    )
+    assert children.shape == (80, 500) and torch.equal(values, before)
+    swapped = assert_groups_whole(values[idx1], values[idx2], children[:40], children[40:], ids)
+    assert within_binomial(int(swapped.sum()), swapped.numel(), 0.5)
+
+
+def test_group_cross_over_sees_in_place_changes_of_the_ids():
+    # Compiled plans are cached per tensor; modifying the tensor must invalidate them.
+    a, b = torch.zeros(64, 40), torch.ones(64, 40)
+    ids = torch.zeros(40, dtype=torch.int64)
+    c1, _ = uniform_cross_over(a, b, generator=gen(1), groups=ids)
+    assert torch.all(c1 == c1[:, :1])  # one group: rows all-a or all-b
+    ids.copy_(torch.arange(40))
+    c1, _ = uniform_cross_over(a, b, generator=gen(1), groups=ids)
+    assert not torch.all(c1 == c1[:, :1])
+
+
+def test_group_cross_over_empty_genes():
+    c1, c2 = uniform_cross_over(
+        torch.zeros(3, 0), torch.zeros(3, 0), groups=torch.zeros(0, dtype=torch.int64)
+    )
+    assert c1.shape == c2.shape == (3, 0)
+
+
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        (torch.zeros(11, dtype=torch.int64), r"shape \(10,\).*\(11,\)"),
+        (torch.zeros(1, 10, dtype=torch.int64), r"shape \(10,\).*\(1, 10\)"),
+        (torch.zeros(10), "integer.*float32"),
+        (torch.zeros(10, dtype=torch.bool), "integer.*bool"),
+        (torch.tensor([0, 1, 2, -3, 4, 5, 6, 7, 8, 9]), ">= 0, got -3 .gene 3"),
+    ],
+)
+def test_group_cross_over_rejects_bad_groups(groups, match):
+    with pytest.raises(ValueError, match=match):
+        uniform_cross_over(torch.zeros(2, 10), torch.zeros(2, 10), groups=groups)
+    with pytest.raises(ValueError, match=match):
+        _cross_over_population(
+            torch.zeros(4, 10), torch.tensor([0]), torch.tensor([1]), swap_probability=0.5,
+            generator=None, groups=groups,
+        )
+
+
+def test_group_cross_over_rejects_non_tensor_groups():
+    with pytest.raises(TypeError, match="groups.*list"):
+        uniform_cross_over(torch.zeros(2, 3), torch.zeros(2, 3), groups=[0, 1, 2])
+
+
 # --------------------------------------------------------------------------- mutation
 
 
