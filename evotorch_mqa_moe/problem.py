@@ -12,6 +12,7 @@ from loguru import logger
 from torch import Tensor, nn
 
 from .config import TransformerConfig
+from .genes import gene_groups
 from .model import MQAMoETransformer, PopulationModel, init_parameters, num_parameters
 from .task import Task
 
@@ -149,6 +150,25 @@ class TransformerProblem(NEProblem):
         # Searchers that call generate_batch() (GA, Cosyne, ...) start from real
         # networks, not from EvoTorch's default of near-zero vectors.
         values[:] = self.init_population(values.shape[0])
+
+    def gene_groups(self, level: str) -> Tensor:
+        """``(N,)`` int64 group ids of the solution vector at ``level``, on the problem's device.
+
+        ``level``: ``"parameter"`` (each gene), ``"row"`` (a neuron's incoming weights +
+        bias, an embedding/position row, a LayerNorm feature), ``"head"`` (a query
+        head's query columns and output-projection rows), ``"expert"`` (an expert's
+        matrices, biases and gate column), ``"tensor"`` or ``"layer"``; exact
+        definitions in :mod:`evotorch_mqa_moe.genes`. For structure-aware cross-over:
+        ``UniformCrossOver(problem, ..., granularity=level)``. Cached per level: the
+        same tensor comes back each time (do not modify it).
+
+        Raises:
+            ValueError: unknown ``level`` (the message lists the choices).
+        """
+        cache = self.__dict__.setdefault("_gene_groups_cache", {})
+        if not isinstance(level, str) or level not in cache:
+            cache[level] = gene_groups(self.config, level, device=self.device)  # validates
+        return cache[level]
 
     def population_model(self, values: Tensor) -> PopulationModel:
         """The callable a task receives: ``values`` (P, N) as one population."""
