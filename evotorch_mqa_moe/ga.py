@@ -217,6 +217,7 @@ def seed_genetic_algorithm(
     step_size: str | SelfAdaptiveStepSize | SuccessRule | None = None,
     re_evaluate: bool = False,
     obj_index: int | None = None,
+    granularity: str = "parameter",
 ) -> SeedGeneticAlgorithm:
     """Build the seed's GA: truncation selection, uniform cross-over, mutation, elitism.
 
@@ -249,6 +250,9 @@ def seed_genetic_algorithm(
             (it gets half the generations). Turn it on for very noisy fitness
             or plus-selection (``num_elites=None``).
         obj_index: objective to optimise on a multi-objective problem.
+        granularity: what the cross-over swaps whole: ``"parameter"`` (single genes,
+            the seed's), ``"row"``, ``"head"``, ``"expert"``, ``"tensor"`` or ``"layer"``
+            (needs ``problem.gene_groups``, e.g. a ``TransformerProblem``).
     Returns:
         A :class:`SeedGeneticAlgorithm` (an ``evotorch.algorithms.GeneticAlgorithm``).
     """
@@ -280,6 +284,7 @@ def seed_genetic_algorithm(
         swap_probability=swap_probability,
         obj_index=obj_index,
         num_children=num_children,
+        granularity=granularity,
         **selection,
     )
     mutation = GaussianMutation(problem, stdev=stdev, mutation_probability=mutation_probability)

@@ -2,7 +2,8 @@
 
 * :class:`UniformCrossOver` - a :class:`evotorch.operators.CrossOver`: picks parent
   pairs (tournament, like EvoTorch's own cross-overs, or truncation, like the
-  seed GA) and recombines them gene by gene.
+  seed GA) and recombines them gene by gene, or group by group (whole rows,
+  heads, experts, tensors or layers of a :class:`~evotorch_mqa_moe.problem.TransformerProblem`).
 * :class:`GaussianMutation` - a :class:`evotorch.operators.CopyingOperator`: adds
   Gaussian noise to each gene with a probability, then clips to the problem's
   bounds if it has any.
@@ -23,22 +24,33 @@ from .functional import (
     _check_probability,
     _check_stdev,
     _cross_over_population,
+    _GeneGroups,
     _mutate,
+    _prepare_groups,
     _uniform_cross_over_stacked,
     tournament_pairs,
     truncation_pairs,
 )
+from .genes import GENE_GROUP_LEVELS
 
 __all__ = ["GaussianMutation", "UniformCrossOver"]
 
 
 class UniformCrossOver(CrossOver):
-    """Per-gene uniform cross-over with tournament or truncation parent selection.
+    """Uniform cross-over (per gene or per gene group) with tournament or truncation selection.
 
     Each child gene comes from one parent or the other (``swap_probability`` of
     taking it from the second parent); each pair yields two complementary children.
     Genes are copied, never combined arithmetically, so children stay inside any
     box the parents are in (no clipping needed).
+
+    ``granularity`` (default ``"parameter"``: each gene on its own) makes the
+    choice once per gene group instead, so that units which only work together
+    move together: ``"row"`` (a neuron's incoming weights and bias), ``"head"``,
+    ``"expert"``, ``"tensor"`` or ``"layer"``. Groups come from
+    ``problem.gene_groups(granularity)`` (a
+    :class:`~evotorch_mqa_moe.problem.TransformerProblem`; see
+    :mod:`evotorch_mqa_moe.genes`), compiled once when the operator is built.
 
     Parent selection, exactly one of:
 
@@ -67,7 +79,17 @@ class UniformCrossOver(CrossOver):
         obj_index: int | None = None,
         num_children: int | None = None,
         cross_over_rate: float | None = None,
+        granularity: str = "parameter",
     ):
+        if not isinstance(granularity, str) or granularity not in GENE_GROUP_LEVELS:
+            raise ValueError(
+                f"unknown `granularity` {granularity!r}; choose from {GENE_GROUP_LEVELS}"
+            )
+        if granularity != "parameter" and not callable(getattr(problem, "gene_groups", None)):
+            raise ValueError(
+                f"`granularity={granularity!r}` needs a problem with gene_groups(level) "
+                f"(e.g. TransformerProblem); {type(problem).__name__} has none"
+            )
         if (tournament_size is None) == (truncation_fraction is None):
             raise ValueError(
                 "Give exactly one of `tournament_size` and `truncation_fraction`, got "
@@ -92,6 +114,12 @@ class UniformCrossOver(CrossOver):
         )
         self._truncation_fraction = truncation_fraction
         self._swap_probability = _check_probability("swap_probability", swap_probability)
+        self._granularity = granularity
+        self._groups: _GeneGroups | None = None
+        if granularity != "parameter":
+            self._groups = _prepare_groups(
+                problem.gene_groups(granularity), problem.solution_length, problem.device
+            )
         self.last_parent_indices: tuple[torch.Tensor, torch.Tensor] | None = None
         """``(idx1, idx2)``, each ``(num_pairs,)``: the parents of the last call
         (child ``i`` and child ``num_pairs + i`` come from pair ``i``); ``None`` after a
@@ -104,6 +132,11 @@ class UniformCrossOver(CrossOver):
     @property
     def truncation_fraction(self) -> float | None:
         return self._truncation_fraction
+
+    @property
+    def granularity(self) -> str:
+        """The gene-group level the cross-over swaps (``"parameter"``: single genes)."""
+        return self._granularity
 
     def _num_children_for(self, batch: SolutionBatch) -> int:
         if self._num_children is not None:
@@ -160,7 +193,13 @@ class UniformCrossOver(CrossOver):
         self.last_parent_indices = (idx1, idx2)
         # Gathers parent rows chunk by chunk inside the kernel (no full-size copies).
         children = _cross_over_population(
-            values, idx1, idx2, swap_probability=self._swap_probability, generator=gen, out=out
+            values,
+            idx1,
+            idx2,
+            swap_probability=self._swap_probability,
+            generator=gen,
+            out=out,
+            groups=self._groups,
         )
         return children[:num_children]
 
@@ -175,6 +214,7 @@ class UniformCrossOver(CrossOver):
             parents2,
             swap_probability=self._swap_probability,
             generator=self.problem.generator,
+            groups=self._groups,
         ).view(-1, parents1.shape[-1])
         if num_children is not None and num_children < children.shape[0]:
             children = children[:num_children]

@@ -5,7 +5,10 @@ import torch
 from evotorch import Problem, SolutionBatch
 from evotorch.algorithms import GeneticAlgorithm
 
+from evotorch_mqa_moe.ga import seed_genetic_algorithm
 from evotorch_mqa_moe.operators import GaussianMutation, UniformCrossOver
+from evotorch_mqa_moe.problem import TransformerProblem
+from problems import make_task
 
 
 def sphere(x: torch.Tensor) -> torch.Tensor:
@@ -147,3 +150,78 @@ def test_inside_evotorch_genetic_algorithm_elitism_keeps_the_best(sense, selecti
         history.append(sign * float(ga.status["pop_best_eval"]))
     assert all(b >= a for a, b in zip(history, history[1:], strict=False))
     assert history[-1] > history[0]
+
+
+# --------------------------------------------------------------------------- group cross-over
+
+
+def tiny_transformer_problem(seed=0):
+    task = make_task("reverse")
+    config = task.default_config().replace(embed_dim=8, num_heads=2, expert_dim=8)
+    return TransformerProblem(task, config, seed=seed)
+
+
+@pytest.mark.parametrize("level", ["row", "head", "expert", "tensor", "layer"])
+def test_group_cross_over_operator_swaps_whole_groups(level):
+    problem = tiny_transformer_problem()
+    batch = evaluated_batch(problem, popsize=12)
+    before = batch.values.clone()
+    op = UniformCrossOver(problem, truncation_fraction=0.5, granularity=level)
+    assert op.granularity == level
+    children = op(batch).values
+    idx1, idx2 = op.last_parent_indices
+    half = len(idx1)
+    p1, p2 = before[idx1], before[idx2]
+    c1, c2 = children[:half], children[half:]
+    from2 = (c1 == p2) & (p1 != p2)
+    assert torch.all((c1 == p1) | (c1 == p2))
+    assert torch.all(torch.where(from2, c2 == p1, c2 == p2))  # complements
+    ids = problem.gene_groups(level)
+    count = int(ids.max()) + 1
+    # a group is whole when, per child, all its genes that differ between the parents
+    # come from the same parent
+    differ = (p1 != p2).float()
+    taken = torch.zeros(half, count).index_add_(1, ids, from2.float())
+    differs = torch.zeros(half, count).index_add_(1, ids, differ)
+    assert torch.all((taken == 0) | (taken == differs))
+    assert torch.equal(batch.values, before)
+
+
+def test_group_cross_over_operator_default_is_per_gene():
+    def children(**kwargs):
+        problem = tiny_transformer_problem(seed=4)
+        op = UniformCrossOver(problem, tournament_size=3, **kwargs)
+        return op(evaluated_batch(problem, popsize=10)).values
+
+    assert torch.equal(children(), children(granularity="parameter"))
+    assert not torch.equal(children(), children(granularity="row"))
+
+
+def test_group_cross_over_operator_repeats_with_the_problem_seed():
+    def run(seed):
+        problem = tiny_transformer_problem(seed=seed)
+        op = UniformCrossOver(problem, truncation_fraction=0.5, granularity="head")
+        return op(evaluated_batch(problem, popsize=10)).values
+
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+
+
+def test_seed_genetic_algorithm_granularity_reaches_the_cross_over():
+    problem = tiny_transformer_problem()
+    ga = seed_genetic_algorithm(problem, popsize=10, granularity="expert")
+    assert ga._cross_over.granularity == "expert"
+    ga.step()
+    assert len(ga.population) == 10
+    with pytest.raises(ValueError, match="'neuron'.*parameter.*layer"):
+        seed_genetic_algorithm(problem, popsize=10, granularity="neuron")
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "Row", None])
+def test_group_cross_over_operator_rejects_unknown_granularity(granularity):
+    with pytest.raises(ValueError, match="granularity.*choose from"):
+        UniformCrossOver(tiny_transformer_problem(), tournament_size=2, granularity=granularity)
+
+
+def test_group_cross_over_operator_needs_gene_groups():
+    with pytest.raises(ValueError, match="gene_groups.*Problem"):
+        UniformCrossOver(make_problem(), tournament_size=2, granularity="row")
