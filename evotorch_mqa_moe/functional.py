@@ -27,13 +27,13 @@ clones for 128 pairs at 100k genes; parent rows are gathered chunk by chunk too)
 Group cross-over (``groups=``: a child takes each group of genes whole from one
 parent) draws one Bernoulli per (row, group) and expands it to a per-gene mask.
 Expanding with a per-gene gather (``index_select``) took 2.6x as long as drawing the
-per-gene bit mask itself (config A, one thread; 4-20x on another CPU), so the group ids
-are compiled once into a *plan*: a few strided blocks, each a regular grid of genes
-whose ids are an affine function of the grid index (a weight matrix's columns, an
-expert's slab, a head's columns, ...), and the mask is expanded with one strided
-``copy_`` per block (0.5x the bit mask), for ~8M genes of rows at a time. Arbitrary
-ids with no such structure fall back to the gather (and so does a GPU, where one
-gather launch should beat many copies; not measured).
+per-gene bit mask itself (config A, one thread; 4-20x in an ad-hoc probe on a Xeon),
+so the group ids are compiled once into a *plan*: a few strided blocks, each a
+regular grid of genes whose ids are an affine function of the grid index (a weight
+matrix's columns, an expert's slab, a head's columns, ...), and the mask is expanded
+with one strided ``copy_`` per block (0.5x the bit mask), for ~8M genes of rows at a
+time. Arbitrary ids with no such structure fall back to the gather (and so does a
+GPU, where one gather launch should beat many copies; not measured).
 """
 
 from __future__ import annotations
