@@ -21,7 +21,7 @@ from .model import (
 )
 from .operators import GaussianMutation, UniformCrossOver
 from .problem import TransformerProblem
-from .searchers import SEARCHERS, make_searcher
+from .searchers import SEARCHERS, Searcher, SearcherSpec, make_searcher, register
 from .task import SupervisedTask, Task
 
 __version__ = "0.1.0"
@@ -41,7 +41,10 @@ __all__ = [
     "Task",
     "TransformerProblem",
     "SEARCHERS",
+    "Searcher",
+    "SearcherSpec",
     "make_searcher",
+    "register",
     "uniform_cross_over",
     "gaussian_mutation",
     "UniformCrossOver",

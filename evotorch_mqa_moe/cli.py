@@ -15,7 +15,9 @@ from typing import Any
 
 from loguru import logger
 
-__all__ = ["main"]
+__all__ = ["main", "DEFAULT_GENERATIONS"]
+
+DEFAULT_GENERATIONS = 100  # `run`'s limit when no --generations / --max-evals / --max-seconds
 
 
 def _key_values(items: list[str] | None, what: str) -> dict[str, Any]:
@@ -54,23 +56,36 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         p.add_argument("--quiet", action="store_true", help="warnings and errors only")
 
+    def budgets(p: argparse.ArgumentParser, *, generations: bool) -> None:
+        if generations:
+            p.add_argument("--generations", type=int, default=None,
+                           help=f"stop after N steps (default {DEFAULT_GENERATIONS} when no "
+                                "--max-evals / --max-seconds is given)")
+        p.add_argument("--max-evals", "--budget-evals", dest="max_evals", type=int, default=None,
+                       help="stop after this many forward-equivalents (one forward of one "
+                            "individual on one task batch = 1; a backward = 2 more)")
+        p.add_argument("--max-seconds", type=float, default=None,
+                       help="stop once the searcher's steps took this much wall time")
+
     r = sub.add_parser("run", help="run one searcher on one task")
     common(r)
     r.add_argument("--searcher", default="pgpe", help="a searcher name (see `list`)")
-    r.add_argument("--generations", type=int, default=100)
-    r.add_argument("--max-evals", type=int, default=None, help="stop after this many evaluations")
+    budgets(r, generations=True)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--checkpoint-every", type=int, default=10)
-    r.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate (adam)")
+    r.add_argument("--searcher-option", action="append", metavar="NAME=VALUE",
+                   help="searcher option, e.g. lr=0.001 for adam or "
+                        "center_learning_rate=0.1 for pgpe (repeatable)")
+    r.add_argument("--lr", type=float, default=None,
+                   help="shorthand for --searcher-option lr=LR (adam's learning rate)")
     r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 
-    c = sub.add_parser("compare", help="several searchers x seeds under one evaluation budget")
+    c = sub.add_parser("compare", help="several searchers x seeds under one budget")
     common(c)
     c.add_argument("--searchers", default="ga,cmaes,pgpe,snes,adam",
                    help="comma-separated searcher names")
     c.add_argument("--seeds", type=int, default=3, help="seeds per searcher (0..K-1)")
-    c.add_argument("--budget-evals", type=int, required=True,
-                   help="evaluations per run (adam: the same number of data batches)")
+    budgets(c, generations=False)
     c.add_argument("--target", type=float, default=None,
                    help="held-out target for time-to-target (default: 90%% of the way "
                         "from chance to ceiling)")
@@ -80,16 +95,17 @@ def _parser() -> argparse.ArgumentParser:
 def _list() -> None:
     from .model import num_parameters
     from .problems import make_task, task_names
-    from .run import ALL_SEARCHERS
+    from .searchers import SEARCHERS
 
     print("tasks:")
     for name in task_names():
         task = make_task(name)
         print(f"  {name:10s} {num_parameters(task.default_config()):>8,} parameters   "
               f"target metric: {task.target_metric}")
-    print("searchers:")
-    for name, what in ALL_SEARCHERS.items():
-        print(f"  {name:16s} {what}")
+    print("searchers (default popsize; * = needs gradients, supervised tasks only):")
+    for name, spec in SEARCHERS.items():
+        print(f"  {name:16s} {spec.default_popsize:>4}{'*' if spec.needs_gradient else ' '} "
+              f"{spec.description}")
 
 
 def _validate_common(args: argparse.Namespace) -> None:
@@ -114,31 +130,44 @@ def _validate_common(args: argparse.Namespace) -> None:
 
 
 def _check_popsize(searcher: str, popsize: int | None) -> None:
-    from .searchers import min_popsize
+    from .searchers import get_spec
 
-    if popsize is not None and searcher != "adam" and popsize < min_popsize(searcher):
-        raise ValueError(f"--popsize {popsize} is too small for {searcher} "
-                         f"(needs >= {min_popsize(searcher)})")
-    if popsize is not None and popsize < 1:
-        raise ValueError(f"--popsize must be positive, got {popsize}")
+    minimum = get_spec(searcher).min_popsize  # ValueError naming the known searchers
+    if popsize is not None and popsize < minimum:
+        raise ValueError(f"--popsize {popsize} is too small for {searcher} (needs >= {minimum})")
+
+
+def _check_budgets(args: argparse.Namespace) -> None:
+    if args.max_evals is not None and args.max_evals < 1:
+        raise ValueError(f"--max-evals must be positive, got {args.max_evals}")
+    if args.max_seconds is not None and not (0 < args.max_seconds < float("inf")):
+        raise ValueError(f"--max-seconds must be a positive finite number, got {args.max_seconds}")
 
 
 def _run(args: argparse.Namespace) -> None:
     from .run import RunSettings, run
 
+    _check_popsize(args.searcher, args.popsize)
+    _check_budgets(args)
+    generations = args.generations
+    if generations is None and args.max_evals is None and args.max_seconds is None:
+        generations = DEFAULT_GENERATIONS
+    searcher_options = _key_values(args.searcher_option, "--searcher-option")
+    if args.lr is not None:
+        searcher_options["lr"] = args.lr
     settings = RunSettings(
-        task=args.task, searcher=args.searcher, generations=args.generations,
-        max_evaluations=args.max_evals, popsize=args.popsize, seed=args.seed,
-        device=args.device, stdev=args.stdev,
+        task=args.task, searcher=args.searcher, generations=generations,
+        max_evaluations=args.max_evals, max_seconds=args.max_seconds, popsize=args.popsize,
+        seed=args.seed, device=args.device, stdev=args.stdev,
         task_options=_key_values(args.task_option, "--task-option"),
-        model=_key_values(args.model, "--model"), eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, lr=args.lr)
-    _check_popsize(settings.searcher, settings.popsize)
+        model=_key_values(args.model, "--model"), searcher_options=searcher_options,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every)
     results = run(settings, args.out, resume=args.resume)
     metric = results["target_metric"]
     print(f"{args.task} / {args.searcher}: {metric} = {results['final_metrics'][metric]:.4g} "
-          f"({results['parameters']:,} parameters, {results['evaluations']:,} evaluations, "
-          f"{results['wall_time']:.1f} s); files in {args.out}")
+          f"({results['parameters']:,} parameters, {results['evaluations']:,} "
+          f"forward-equivalents, {results['wall_time']:.1f} s, stopped by "
+          f"{results['stopped_by']}); files in {args.out}")
 
 
 def _compare(args: argparse.Namespace, command: str) -> None:
@@ -146,10 +175,14 @@ def _compare(args: argparse.Namespace, command: str) -> None:
 
     # compare() validates the searcher names and popsize before any run starts.
     searchers = [s.strip() for s in args.searchers.split(",") if s.strip()]
-    if args.seeds < 1 or args.budget_evals < 1:
-        raise ValueError("--seeds and --budget-evals must be positive")
-    compare(args.task, searchers, seeds=args.seeds, budget_evals=args.budget_evals,
-            out=args.out, popsize=args.popsize, device=args.device, stdev=args.stdev,
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be positive, got {args.seeds}")
+    _check_budgets(args)
+    if args.max_evals is None and args.max_seconds is None:
+        raise ValueError("compare needs a budget: --max-evals and/or --max-seconds")
+    compare(args.task, searchers, seeds=args.seeds, max_evals=args.max_evals,
+            max_seconds=args.max_seconds, out=args.out, popsize=args.popsize,
+            device=args.device, stdev=args.stdev,
             target=args.target, task_options=_key_values(args.task_option, "--task-option"),
             model=_key_values(args.model, "--model"), eval_every=args.eval_every,
             command=command)

@@ -1,11 +1,12 @@
-"""Compare searchers on one task under one evaluation budget, over several seeds.
+"""Compare searchers on one task under one budget, over several seeds.
 
 :func:`compare` runs every searcher x seed with :func:`~evotorch_mqa_moe.run.run`
 into ``out/<searcher>/seed<k>/`` and then writes, into ``out``:
 
 * ``results.csv``: one row per run (task, searcher, seed, final held-out target
-  metric, evaluations, wall time, evaluations and wall time to reach the target
-  (NaN if never reached), parameters, popsize);
+  metric, evaluations (forward-equivalents), wall time, evaluations and wall
+  time to reach the target (NaN if never reached), parameters, popsize, and
+  which limit stopped the run);
 * ``summary.md``: a table with one row per searcher (median [min-max] of the
   final metric, median evaluations / wall time to target over the seeds that
   reached it, how many did), the command line, the machine and the date;
@@ -13,12 +14,14 @@ into ``out/<searcher>/seed<k>/`` and then writes, into ``out``:
   ``<metric>_vs_evaluations.png``, ``<metric>_vs_wall_time.png``: one thin line
   per run, coloured by searcher, the searcher's median in bold.
 
-**Equal budgets.** Every run stops once it has evaluated ``budget_evals``
-solutions (a run may overshoot by less than one generation). ``adam`` counts
-``steps x popsize`` evaluations, i.e. it sees as many data batches as a searcher
-of that population size evaluating once per generation; without ``popsize`` it
-takes the largest default population of the other searchers compared (the
-fewest batches any of them sees), 200 if it is compared alone.
+**Equal budgets.** Every run stops at the first of ``max_evals``
+forward-equivalents and ``max_seconds`` of search wall time it reaches (give
+one or both; a run may overshoot by less than one generation). Cost is counted
+in forward-equivalents: one forward pass of one individual on one task batch is
+1 and a backward pass 2 more, so an evolutionary searcher spends ``popsize`` per
+generation and one ``adam`` step costs 3. The tables report both evaluations
+and wall time, so a comparison at equal evaluations can be read at equal time
+too (``max_seconds`` makes wall time the budget; it depends on the machine).
 
 **Resuming.** A run whose folder already holds ``checkpoint.pt`` is resumed
 rather than restarted, so an interrupted comparison continues where it stopped
@@ -49,16 +52,16 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
-from .run import ALL_SEARCHERS, RunSettings, run, versions
-from .searchers import DEFAULT_POPSIZE, min_popsize
+from .run import RunSettings, run, versions
+from .searchers import get_spec, supports_gradients
 
 __all__ = ["compare", "default_target", "time_to_target", "summarize", "plot_runs",
            "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = ["task", "searcher", "seed", "target_metric", "final_metric", "evaluations",
-                  "wall_time", "evals_to_target", "time_to_target", "parameters", "popsize"]
+                  "wall_time", "evals_to_target", "time_to_target", "parameters", "popsize",
+                  "stopped_by"]
 TARGET_FRACTION = 0.9
-ADAM_FALLBACK_POPSIZE = 200
 
 
 def _metric_bound(values: dict[str, Any] | None, metric: str) -> float | None:
@@ -106,15 +109,9 @@ def time_to_target(history: Any, metric: str, target: float | None) -> tuple[flo
     return float(first["evaluations"]), float(first["wall_time"])
 
 
-def _adam_popsize(searchers: Sequence[str], popsize: int | None) -> int:
-    if popsize is not None:
-        return popsize
-    others = [DEFAULT_POPSIZE[s] for s in searchers if s in DEFAULT_POPSIZE]
-    return max(others, default=ADAM_FALLBACK_POPSIZE)
-
-
-def _validate(task_name: str, searchers: Sequence[str], seeds: int, budget_evals: int,
-              popsize: int | None, task_options: dict[str, Any]) -> Any:
+def _validate(task_name: str, searchers: Sequence[str], seeds: int, max_evals: int | None,
+              max_seconds: float | None, popsize: int | None,
+              task_options: dict[str, Any]) -> Any:
     from .problems import make_task, task_names
 
     if task_name not in task_names():
@@ -125,40 +122,49 @@ def _validate(task_name: str, searchers: Sequence[str], seeds: int, budget_evals
         raise ValueError("searchers must name at least one searcher")
     if len(set(searchers)) != len(searchers):
         raise ValueError(f"searchers must not repeat a name, got {list(searchers)!r}")
-    for name in searchers:
-        if name not in ALL_SEARCHERS:
-            raise ValueError(f"unknown searcher {name!r}; known: {', '.join(ALL_SEARCHERS)}")
-        if (popsize is not None and name != "adam" and not isinstance(popsize, bool)
-                and isinstance(popsize, int) and popsize < min_popsize(name)):
-            raise ValueError(f"popsize {popsize} is too small for {name} "
-                             f"(needs >= {min_popsize(name)})")
-    for label, value in (("seeds", seeds), ("budget_evals", budget_evals)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    specs = [get_spec(name) for name in searchers]  # ValueError naming the known ones
     if popsize is not None and (isinstance(popsize, bool) or not isinstance(popsize, int)
                                 or popsize < 1):
         raise ValueError(f"popsize must be a positive integer, got {popsize!r}")
+    for spec in specs:
+        if popsize is not None and popsize < spec.min_popsize:
+            raise ValueError(f"popsize {popsize} is too small for {spec.name} "
+                             f"(needs >= {spec.min_popsize})")
+    for label, value in (("seeds", seeds), ("max_evals", max_evals)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if max_seconds is not None and (isinstance(max_seconds, bool)
+                                    or not isinstance(max_seconds, int | float)
+                                    or not math.isfinite(max_seconds) or max_seconds <= 0):
+        raise ValueError(f"max_seconds must be a positive finite number, got {max_seconds!r}")
+    if max_evals is None and max_seconds is None:
+        raise ValueError("give a budget: max_evals and/or max_seconds")
     task = make_task(task_name, **task_options)
-    if "adam" in searchers and not (callable(getattr(task, "sample", None))
-                                    and callable(getattr(task, "loss", None))):
-        raise ValueError(f"adam needs a supervised task (sample + loss); {task_name!r} is not "
-                         "one: leave adam out of the searchers")
+    for spec in specs:
+        if spec.needs_gradient and not supports_gradients(task):
+            raise ValueError(f"{spec.name} needs a supervised task (sample + loss) for its "
+                             f"gradients; {task_name!r} is not one: leave {spec.name} out of "
+                             "the searchers")
     return task
 
 
-def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, budget_evals: int,
-            out: str | Path, popsize: int | None = None, device: str = "cpu",
+def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: int | None = None,
+            max_seconds: float | None = None, out: str | Path, popsize: int | None = None,
+            device: str = "cpu",
             stdev: float = 0.05, target: float | None = None,
             task_options: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
             eval_every: int = 10, searcher_options: dict[str, dict[str, Any]] | None = None,
-            command: str | None = None) -> Any:
-    """Run each searcher with seeds ``0..seeds-1`` on ``task`` for ``budget_evals`` evaluations.
+            command: str | None = None, budget_evals: int | None = None) -> Any:
+    """Run each searcher with seeds ``0..seeds-1`` on ``task`` under one budget.
 
     Args:
         task: a task name (``evotorch_mqa_moe.problems.task_names()``).
-        searchers: searcher names from :data:`~evotorch_mqa_moe.run.ALL_SEARCHERS`.
+        searchers: names from :data:`~evotorch_mqa_moe.searchers.SEARCHERS`.
         seeds: runs per searcher, with seeds ``0..seeds-1``.
-        budget_evals: evaluations per run (``adam``: steps x popsize, see the module doc).
+        max_evals: forward-equivalents per run (see the module doc).
+        max_seconds: search wall time per run, in seconds. Give ``max_evals``,
+            ``max_seconds`` or both; a run stops at the first reached.
         out: output folder; run ``k`` of searcher ``s`` goes to ``out/s/seed<k>``.
         popsize: one population size for all searchers (None: each its default).
         device, stdev, task_options, model, eval_every: as in
@@ -167,6 +173,7 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, budget_evals
         target: held-out target for time-to-target (default :func:`default_target`).
         searcher_options: per-searcher constructor overrides, ``{name: {...}}``.
         command: the command line recorded in ``summary.md`` (default ``sys.argv``).
+        budget_evals: the former name of ``max_evals``.
 
     Returns:
         The ``results.csv`` table as a pandas DataFrame (one row per run).
@@ -181,7 +188,11 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, budget_evals
     model = dict(model or {})
     searcher_options = dict(searcher_options or {})
     searchers = list(searchers) if not isinstance(searchers, str) else searchers
-    task_obj = _validate(task, searchers, seeds, budget_evals, popsize, task_options)
+    if budget_evals is not None:
+        if max_evals is not None:
+            raise ValueError("give max_evals or its former name budget_evals, not both")
+        max_evals = budget_evals
+    task_obj = _validate(task, searchers, seeds, max_evals, max_seconds, popsize, task_options)
     unknown = sorted(set(searcher_options) - set(searchers))
     if unknown:
         raise ValueError(f"searcher_options names searchers not compared: {unknown}")
@@ -200,11 +211,10 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, budget_evals
     histories: dict[tuple[str, int], Any] = {}
     total = len(searchers) * seeds
     for i, name in enumerate(searchers):
-        run_popsize = _adam_popsize(searchers, popsize) if name == "adam" else popsize
         for seed in range(seeds):
             settings = RunSettings(
-                task=task, searcher=name, generations=None, max_evaluations=budget_evals,
-                popsize=run_popsize, seed=seed, device=device, stdev=stdev,
+                task=task, searcher=name, generations=None, max_evaluations=max_evals,
+                max_seconds=max_seconds, popsize=popsize, seed=seed, device=device, stdev=stdev,
                 task_options=task_options, model=model,
                 searcher_options=dict(searcher_options.get(name, {})),
                 eval_every=eval_every, checkpoint_every=eval_every)
@@ -223,15 +233,15 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, budget_evals
                 "wall_time": float(results["wall_time"]),
                 "evals_to_target": evals_hit, "time_to_target": time_hit,
                 "parameters": int(results["parameters"]),
-                "popsize": (run_popsize if run_popsize is not None
-                            else DEFAULT_POPSIZE.get(name, math.nan)),
+                "popsize": results.get("popsize") or math.nan,
+                "stopped_by": results.get("stopped_by", ""),
             })
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     _write_csv(table, out / "results.csv")
     if command is None:
         command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
-    summary = summarize(table, metric=metric, target=target, budget_evals=budget_evals,
-                        command=command)
+    summary = summarize(table, metric=metric, target=target, max_evals=max_evals,
+                        max_seconds=max_seconds, command=command)
     _write_text(summary, out / "summary.md")
     plots = plot_runs(histories, metric=metric, out=out, target=target)
     logger.info(f"compare {task}: {len(table)} runs; results.csv, summary.md and "
@@ -262,18 +272,27 @@ def machine() -> str:
             f"EvoTorch {v['evotorch']}, evotorch_mqa_moe {v['evotorch_mqa_moe']}")
 
 
-def summarize(table: Any, *, metric: str, target: float | None, budget_evals: int,
-              command: str = "") -> str:
+def describe_budget(max_evals: int | None, max_seconds: float | None) -> str:
+    """``"60,000 forward-equivalents"``, ``"30 s"`` or both joined by "or"."""
+    parts = ([f"{max_evals:,} forward-equivalents"] if max_evals is not None else []) + (
+        [f"{max_seconds:g} s of search wall time"] if max_seconds is not None else [])
+    return " or ".join(parts) or "none"
+
+
+def summarize(table: Any, *, metric: str, target: float | None, max_evals: int | None = None,
+              max_seconds: float | None = None, command: str = "") -> str:
     """The markdown of ``summary.md`` for a ``results.csv`` table."""
     task = table["task"].iloc[0] if len(table) else "?"
     lines = [f"# {task}: searchers compared", "",
-             f"Budget: {budget_evals:,} evaluations per run (adam: steps x popsize). "
+             f"Budget per run: {describe_budget(max_evals, max_seconds)}, whichever comes "
+             "first (one forward of one individual on one task batch = 1 forward-equivalent, "
+             "a backward 2 more: one adam step = 3). "
              f"Held-out target metric: `{metric}`"
              + (f", target {_fmt(target)}." if target is not None
                 else "; no target (time-to-target left out)."), "",
              f"| searcher | runs | popsize | final {metric}: median [min-max] | "
-             "evaluations | wall time (s) | reached target | median evals to target | "
-             "median time to target (s) |",
+             "evaluations (forward-equivalents) | wall time (s) | reached target | "
+             "median evals to target | median time to target (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, g in table.groupby("searcher", sort=False):
         final = g["final_metric"]

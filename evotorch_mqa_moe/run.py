@@ -8,8 +8,21 @@ Files written to the output folder:
   held-out metrics every ``eval_every`` generations).
 * ``results.json``: settings, model config, versions, final held-out metrics,
   wall time and evaluations.
-* ``best_model.pt``: the final solution (ES centre, GA population best, or the
-  trained network) as ``{"config": ..., "state_dict": ...}``; see :func:`load_model`.
+* ``best_model.pt``: the final solution (``searcher.current_solution()``: ES
+  centre, GA population best, or the trained network) as
+  ``{"config": ..., "state_dict": ...}``; see :func:`load_model`.
+
+The searcher is built from the registry (:func:`~evotorch_mqa_moe.searchers.make_searcher`)
+and used only through the searcher protocol, whichever it is.
+
+**Budgets.** A run stops at the first of its limits that is reached:
+``generations`` (steps), ``max_evaluations`` (forward-equivalents: one forward
+of one individual on one task batch = 1, a backward 2 more, so one Adam step =
+3) and ``max_seconds`` (wall time of the searcher's steps, as in
+``history.csv``'s ``wall_time``; held-out metrics and checkpoints are not
+counted). Only the limits given apply; the log and ``results.json``
+(``stopped_by``) say which one ended the run. A run may overshoot
+``max_evaluations`` / ``max_seconds`` by less than one generation.
 
 Ctrl-C or SIGTERM stops the run after the current generation and saves a
 checkpoint (a second signal stops at once, keeping the last periodic one); ``resume=True``
@@ -35,17 +48,14 @@ from typing import Any
 import torch
 from loguru import logger
 
-from .backprop import BackpropTrainer
 from .config import TransformerConfig
 from .model import MQAMoETransformer
 from .problem import TransformerProblem
-from .searchers import SEARCHERS, make_searcher
-from .state import capture, restore
+from .searchers import get_spec, make_searcher
 
-__all__ = ["RunSettings", "run", "load_model", "RunInterrupted", "ALL_SEARCHERS"]
+__all__ = ["RunSettings", "run", "load_model", "RunInterrupted"]
 
-CHECKPOINT_VERSION = 1
-ALL_SEARCHERS = {**SEARCHERS, "adam": "backprop reference: Adam on the same model and loss"}
+CHECKPOINT_VERSION = 2  # 2: searcher state is the protocol's state_dict()
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -58,26 +68,29 @@ class RunSettings:
 
     Attributes:
         task: a name from ``evotorch_mqa_moe.problems.task_names()``.
-        searcher: a name from :data:`ALL_SEARCHERS`.
-        generations: steps to run (a cap when ``max_evaluations`` is set too).
-        max_evaluations: stop once this many solutions were evaluated (for
-            ``adam``: steps x ``popsize``, i.e. the same number of data batches
-            as a searcher of that population evaluating once per generation).
+        searcher: a name from :data:`~evotorch_mqa_moe.searchers.SEARCHERS`.
+        generations: stop after this many steps (``None``: no step limit).
+        max_evaluations: stop once the searcher has spent this many
+            forward-equivalents (``searcher.evaluations``; ``None``: no limit).
+        max_seconds: stop once the searcher's steps took this many seconds of
+            wall time in total (``None``: no limit). At least one of the three
+            limits must be given; the first one reached ends the run.
         popsize: population size (``None`` = the searcher's default).
         seed: seeds the problem, the searcher and the data stream.
         device: where evaluation runs (``"cpu"``, ``"cuda"``, ...).
         stdev: initial search / mutation stdev.
         task_options, model, searcher_options: passed to the task, to
-            ``TransformerConfig.replace`` and to the searcher's constructor.
+            ``TransformerConfig.replace`` and to the searcher's builder (e.g.
+            ``{"lr": 1e-3}`` for ``adam``).
         eval_every: generations between held-out evaluations.
         checkpoint_every: generations between checkpoints.
-        lr: Adam's learning rate (``adam`` only).
     """
 
     task: str
     searcher: str = "pgpe"
-    generations: int | None = 100
+    generations: int | None = None
     max_evaluations: int | None = None
+    max_seconds: float | None = None
     popsize: int | None = None
     seed: int = 0
     device: str = "cpu"
@@ -87,14 +100,17 @@ class RunSettings:
     searcher_options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 10
     checkpoint_every: int = 10
-    lr: float = 3e-3
 
     def __post_init__(self) -> None:
-        if self.searcher not in ALL_SEARCHERS:
-            raise ValueError(f"unknown searcher {self.searcher!r}; known: "
-                             f"{', '.join(ALL_SEARCHERS)}")
-        if self.generations is None and self.max_evaluations is None:
-            raise ValueError("give generations or max_evaluations (or both)")
+        get_spec(self.searcher)  # ValueError naming the known searchers
+        if self.generations is None and self.max_evaluations is None and self.max_seconds is None:
+            raise ValueError("give a limit: generations, max_evaluations or max_seconds "
+                             "(or several)")
+        if self.max_seconds is not None and (
+                isinstance(self.max_seconds, bool) or not isinstance(self.max_seconds, int | float)
+                or not math.isfinite(self.max_seconds) or self.max_seconds <= 0):
+            raise ValueError(f"max_seconds must be a positive finite number, "
+                             f"got {self.max_seconds!r}")
         for name in ("generations", "max_evaluations"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -110,7 +126,8 @@ class RunSettings:
     def identity(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed (budgets may grow)."""
         d = dataclasses.asdict(self)
-        for key in ("generations", "max_evaluations", "eval_every", "checkpoint_every", "device"):
+        for key in ("generations", "max_evaluations", "max_seconds", "eval_every",
+                    "checkpoint_every", "device"):
             d.pop(key)
         return d
 
@@ -134,26 +151,22 @@ def _build(settings: RunSettings):
     if settings.model:
         config = config.replace(**settings.model)
     problem = TransformerProblem(task, config, seed=settings.seed, device=settings.device)
-    if settings.searcher == "adam":
-        searcher = BackpropTrainer(problem, lr=settings.lr, **settings.searcher_options)
-    else:
-        searcher = make_searcher(settings.searcher, problem, popsize=settings.popsize,
-                                 stdev=settings.stdev, **settings.searcher_options)
+    searcher = make_searcher(settings.searcher, problem, popsize=settings.popsize,
+                             stdev=settings.stdev, **settings.searcher_options)
     return task, config, problem, searcher
 
 
-def _evaluations(settings: RunSettings, problem: TransformerProblem, searcher: Any) -> int:
-    if isinstance(searcher, BackpropTrainer):
-        return searcher.steps * (settings.popsize or 1)
-    return problem.evaluations
-
-
-def current_solution(searcher: Any) -> torch.Tensor:
-    """The solution a searcher would answer with now: its centre, or its population's best."""
-    status = searcher.status
-    if "center" in status:
-        return torch.as_tensor(status["center"]).as_subclass(torch.Tensor).detach()
-    return status["pop_best"].values.as_subclass(torch.Tensor).detach()
+def _stop_reason(settings: RunSettings, generations: int, evaluations: int,
+                 elapsed: float) -> tuple[str, str] | None:
+    """``(limit, description)`` of the first limit of ``settings`` reached; None while none is."""
+    if settings.generations is not None and generations >= settings.generations:
+        return "generations", f"{generations:,} generations >= {settings.generations:,}"
+    if settings.max_evaluations is not None and evaluations >= settings.max_evaluations:
+        return ("max_evaluations", f"{evaluations:,} forward-equivalents >= "
+                                   f"{settings.max_evaluations:,}")
+    if settings.max_seconds is not None and elapsed >= settings.max_seconds:
+        return "max_seconds", f"{elapsed:.4g} s >= {settings.max_seconds:g} s"
+    return None
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -236,28 +249,19 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
             theirs = {k: v for k, v in ckpt["settings"].items() if settings.identity()[k] != v}
             raise ValueError(f"{checkpoint_path} was written by other settings: {theirs or 'model'}"
                              f" (this run: task={settings.task!r}, searcher={settings.searcher!r})")
-        if isinstance(searcher, BackpropTrainer):
-            searcher.load_state_dict(ckpt["searcher"])
-        else:
-            searcher.step()  # creates what the searcher makes lazily; all overwritten now
-            restore(searcher, ckpt["searcher"])
+        searcher.load_state_dict(ckpt["searcher"])
         history, elapsed = ckpt["history"], ckpt["elapsed"]
         logger.info(f"resumed {settings.task}/{settings.searcher} at generation {len(history)}")
 
     def save_checkpoint() -> None:
-        if isinstance(searcher, BackpropTrainer):
-            state = searcher.state_dict()
-        else:
-            state = capture(searcher)
         _atomic_save({"version": CHECKPOINT_VERSION, "settings": settings.identity(),
-                      "config": config.to_dict(), "searcher": state, "history": history,
+                      "config": config.to_dict(), "searcher": searcher.state_dict(),
+                      "history": history,
                       "elapsed": elapsed}, checkpoint_path)
         _write_history(history, out / "history.csv")
 
-    def done(gen: int) -> bool:
-        evals = _evaluations(settings, problem, searcher)
-        return ((settings.generations is not None and gen >= settings.generations)
-                or (settings.max_evaluations is not None and evals >= settings.max_evaluations))
+    def done(gen: int) -> tuple[str, str] | None:
+        return _stop_reason(settings, gen, searcher.evaluations, elapsed)
 
     metric = task.target_metric
     logger.info(f"{settings.task} with {settings.searcher}: {problem.solution_length:,} "
@@ -271,15 +275,15 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
                 gen = len(history) + 1
                 status = searcher.status
                 row = {"generation": gen,
-                       "evaluations": _evaluations(settings, problem, searcher),
+                       "evaluations": searcher.evaluations,
                        "wall_time": elapsed,
                        "best_fitness": float(status["pop_best_eval"]),
                        "mean_fitness": float(status["mean_eval"]),
                        "best_so_far": float(status["best_eval"])}
-                last = done(gen)
+                last = done(gen) is not None
                 if gen % settings.eval_every == 0 or last:
                     row.update({k: float(v) for k, v in
-                                problem.metrics(current_solution(searcher)).items()})
+                                problem.metrics(searcher.current_solution()).items()})
                 history.append(row)
                 if gen % settings.eval_every == 0 or last:
                     rate = row["evaluations"] / max(elapsed, 1e-9)
@@ -301,8 +305,10 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
                        f"({checkpoint_path}) is kept; continue with resume")
         raise RunInterrupted(str(exc)) from None
     save_checkpoint()
+    limit, why = done(len(history)) or ("unknown", "")
+    logger.info(f"stopped by {limit}: {why}")
 
-    solution = current_solution(searcher)
+    solution = searcher.current_solution()
     final = problem.metrics(solution)
     model = problem.make_net(solution)
     _atomic_save({"config": config.to_dict(), "state_dict": model.state_dict(),
@@ -312,12 +318,14 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
         "settings": dataclasses.asdict(settings), "config": config.to_dict(),
         "parameters": problem.solution_length, "target_metric": metric,
         "final_metrics": final, "generations": len(history),
-        "evaluations": _evaluations(settings, problem, searcher), "wall_time": elapsed,
+        "evaluations": searcher.evaluations, "wall_time": elapsed,
+        "stopped_by": limit,
+        "popsize": getattr(searcher, "popsize", settings.popsize),
         "best_fitness": max((r["best_fitness"] for r in history
                              if math.isfinite(r["best_fitness"])), default=float("nan")),
         "versions": versions(),
     }
     _atomic_write(json.dumps(results, indent=2), out / "results.json")
     logger.info(f"done: {metric} = {final.get(metric, float('nan')):.4g} after "
-                f"{results['evaluations']:,} evaluations in {elapsed:.1f} s -> {out}")
+                f"{results['evaluations']:,} forward-equivalents in {elapsed:.1f} s -> {out}")
     return results

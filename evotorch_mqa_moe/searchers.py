@@ -1,4 +1,17 @@
-"""One factory for every supported searcher, with neuroevolution defaults.
+"""One registry of searchers, and the small protocol the runner sees them through.
+
+Every searcher is one :class:`SearcherSpec` in :data:`SEARCHERS` (name,
+description, builder, default and minimum population size, whether it needs
+gradients, and a declarative search space for tuning); :func:`make_searcher`
+builds any of them and returns an object implementing :class:`Searcher`:
+``step()``, ``status``, ``current_solution()``, ``evaluations`` (cost in
+forward-equivalents), ``state_dict()`` / ``load_state_dict()``. ``run``,
+``compare``, checkpoints and the CLI use only this protocol and the registry,
+never a searcher's name. A new searcher is one :func:`register` call.
+
+EvoTorch searchers are wrapped in :class:`EvoTorchSearcher`; ``adam``
+(:class:`~evotorch_mqa_moe.backprop.BackpropTrainer`) implements the protocol
+directly.
 
 All searchers start from the model's own initialisation (a population of
 freshly initialised networks, or a centre that is one), never from EvoTorch's
@@ -13,8 +26,13 @@ so small models only; the GAs need large populations but no gradient estimate.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from evotorch.algorithms import (
     CEM,
     CMAES,
@@ -27,98 +45,429 @@ from evotorch.algorithms import (
 )
 from evotorch.operators import GaussianMutation as EvoTorchGaussianMutation
 from evotorch.operators import SimulatedBinaryCrossOver
+from torch import Tensor
 
+from .backprop import BackpropTrainer
 from .ga import seed_genetic_algorithm
 from .operators import GaussianMutation, UniformCrossOver
 from .problem import TransformerProblem
+from .state import capture, restore
 
-__all__ = ["SEARCHERS", "FULL_CMAES_MAX", "XNES_MAX", "make_searcher", "min_popsize"]
+__all__ = [
+    "Searcher",
+    "SearcherSpec",
+    "EvoTorchSearcher",
+    "SEARCHERS",
+    "FULL_CMAES_MAX",
+    "XNES_MAX",
+    "register",
+    "get_spec",
+    "make_searcher",
+    "min_popsize",
+    "supports_gradients",
+]
 
 FULL_CMAES_MAX = 2000  # popsize x N x N memory; beyond this CMA-ES runs separable
 XNES_MAX = 2000  # xNES keeps an N x N matrix too
+SPACE_KINDS = ("log", "float", "int", "cat")
 
-SEARCHERS = {
-    "ga": "our GA: truncation selection, uniform cross-over, probabilistic Gaussian mutation",
-    "ga-evotorch": "EvoTorch's GeneticAlgorithm with its SBX cross-over and Gaussian mutation",
-    "steady-state-ga": "EvoTorch's SteadyStateGA with our operators",
-    "cosyne": "EvoTorch's CoSyNE (cooperative synapse neuroevolution)",
-    "cmaes": "CMA-ES (separable above FULL_CMAES_MAX parameters)",
-    "pgpe": "PGPE with the ClipUp optimiser",
-    "snes": "separable natural evolution strategy",
-    "xnes": "exponential natural evolution strategy (small models)",
-    "cem": "cross-entropy method",
-}
 
-DEFAULT_POPSIZE = {"ga": 300, "ga-evotorch": 300, "steady-state-ga": 300, "cosyne": 300,
-                   "cmaes": 100, "pgpe": 200, "snes": 200, "xnes": 100, "cem": 200}
+# ----------------------------------------------------------------------------- protocol
+@runtime_checkable
+class Searcher(Protocol):
+    """What ``run``, ``compare`` and checkpoints see of a searcher.
+
+    ``status`` holds at least ``"iter"`` (steps taken), ``"best_eval"`` (the best
+    fitness seen so far over the whole run), ``"pop_best_eval"`` (the best of the
+    last step) and ``"mean_eval"`` (the mean of the last step). ``evaluations``
+    is the cost so far in forward-equivalents: one forward pass of one
+    individual on one task batch counts 1, a backward pass 2 more (so one
+    gradient step of one network costs 3).
+    """
+
+    problem: TransformerProblem
+
+    def step(self) -> None: ...
+
+    @property
+    def status(self) -> Mapping[str, Any]: ...
+
+    def current_solution(self) -> Tensor: ...
+
+    @property
+    def evaluations(self) -> int: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def supports_gradients(task: Any) -> bool:
+    """Whether ``task`` offers a differentiable loss (``sample`` and ``loss``)."""
+    return callable(getattr(task, "sample", None)) and callable(getattr(task, "loss", None))
+
+
+def _check_space(name: str, space: Mapping[str, tuple]) -> None:
+    for key, entry in space.items():
+        if not isinstance(entry, tuple) or not entry or entry[0] not in SPACE_KINDS:
+            raise ValueError(f"search_space[{key!r}] of {name} must be a tuple starting with one "
+                             f"of {SPACE_KINDS}, got {entry!r}")
+        kind = entry[0]
+        if kind == "cat":
+            if len(entry) != 2 or not isinstance(entry[1], list | tuple) or not entry[1]:
+                raise ValueError(f"search_space[{key!r}] of {name}: ('cat', [choices]), "
+                                 f"got {entry!r}")
+            continue
+        if len(entry) not in (3, 4) or not all(isinstance(v, int | float) for v in entry[1:]):
+            raise ValueError(f"search_space[{key!r}] of {name}: (kind, low, high[, step]), "
+                             f"got {entry!r}")
+        low, high = entry[1], entry[2]
+        if not low < high or (kind == "log" and low <= 0):
+            raise ValueError(f"search_space[{key!r}] of {name} needs low < high "
+                             f"(and low > 0 for 'log'), got {entry!r}")
+
+
+@dataclass(frozen=True)
+class SearcherSpec:
+    """One registered searcher.
+
+    Attributes:
+        name: the ``--searcher`` name.
+        description: one line for ``evotorch-mqa-moe list``.
+        build: ``build(problem, *, popsize, stdev, **options) -> Searcher``. The
+            builder may ignore ``popsize`` and ``stdev`` (``adam`` trains one network).
+        default_popsize: population size when none is given.
+        min_popsize: the smallest population it accepts.
+        needs_gradient: True for searchers that backpropagate the task's loss; they
+            refuse tasks without ``sample`` + ``loss`` (cartpole) with one clear error.
+        search_space: declarative ranges for tuning, ``{option: entry}`` with entry
+            ``("log", low, high)`` (log-uniform: multiplicative scales),
+            ``("float", low, high)``, ``("int", low, high[, step])`` (inclusive) or
+            ``("cat", [choices])``. Keys are ``popsize``, ``stdev`` or keyword
+            options of ``build``.
+    """
+
+    name: str
+    description: str
+    build: Callable[..., Searcher]
+    default_popsize: int
+    min_popsize: int = 1
+    needs_gradient: bool = False
+    search_space: Mapping[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
+            raise ValueError(f"searcher name must be a non-empty string, got {self.name!r}")
+        if not callable(self.build):
+            raise TypeError(f"build of {self.name} must be callable, got {self.build!r}")
+        for label in ("min_popsize", "default_popsize"):
+            value = getattr(self, label)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} of {self.name} must be a positive integer, "
+                                 f"got {value!r}")
+        if self.default_popsize < self.min_popsize:
+            raise ValueError(f"default_popsize {self.default_popsize} of {self.name} is below "
+                             f"its min_popsize {self.min_popsize}")
+        _check_space(self.name, self.search_space)
+        object.__setattr__(self, "search_space", MappingProxyType(dict(self.search_space)))
+
+
+_REGISTRY: dict[str, SearcherSpec] = {}
+SEARCHERS: Mapping[str, SearcherSpec] = MappingProxyType(_REGISTRY)
+"""The registry ``{name: SearcherSpec}``, read-only; :func:`register` adds to it."""
+
+
+def register(spec: SearcherSpec, *, replace: bool = False) -> SearcherSpec:
+    """Add ``spec`` to :data:`SEARCHERS`; ``replace=True`` to redefine an existing name."""
+    if not isinstance(spec, SearcherSpec):
+        raise TypeError(f"register takes a SearcherSpec, got {type(spec).__name__}")
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"searcher {spec.name!r} is already registered; "
+                         "pass replace=True to redefine it")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> SearcherSpec:
+    """The spec of searcher ``name``; ValueError listing the known names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown searcher {name!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def min_popsize(name: str) -> int:
-    """The smallest population a searcher accepts (ES need pairs / a parent set)."""
-    return 4 if name in ("pgpe", "snes", "xnes", "cmaes", "cem", "cosyne") else 3
+    """The smallest population searcher ``name`` accepts."""
+    return get_spec(name).min_popsize
 
 
 def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None = None,
-                  stdev: float = 0.05, **overrides: Any):
+                  stdev: float = 0.05, **options: Any) -> Searcher:
     """Build searcher ``name`` over ``problem``.
 
     Args:
-        name: one of :data:`SEARCHERS`.
+        name: a name in :data:`SEARCHERS`.
         problem: the problem (its generator seeds the searcher's randomness).
-        popsize: population size; default per searcher (:data:`DEFAULT_POPSIZE`).
+        popsize: population size; default the spec's ``default_popsize``.
         stdev: the initial search stdev (ES) or mutation stdev (GAs). 0.05 was
             the measured sweet spot on the example problems.
-        overrides: keyword arguments passed on to the searcher's constructor
-            (or to :func:`~evotorch_mqa_moe.ga.seed_genetic_algorithm` for ``ga``).
+        options: keyword options of the searcher's builder (for EvoTorch
+            searchers: passed on to its constructor, or to
+            :func:`~evotorch_mqa_moe.ga.seed_genetic_algorithm` for ``ga``).
+    Returns:
+        An object implementing :class:`Searcher`.
     Raises:
-        ValueError: unknown ``name`` or a ``popsize`` below :func:`min_popsize`.
+        ValueError: unknown ``name``, ``popsize`` below the spec's ``min_popsize``,
+            a non-positive ``stdev``, or a gradient searcher on a task without a loss.
     """
-    if name not in SEARCHERS:
-        raise ValueError(f"unknown searcher {name!r}; known: {', '.join(SEARCHERS)}")
-    popsize = DEFAULT_POPSIZE[name] if popsize is None else popsize
-    if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < min_popsize(name):
-        raise ValueError(f"popsize for {name} must be an integer >= {min_popsize(name)}, "
+    spec = get_spec(name)
+    popsize = spec.default_popsize if popsize is None else popsize
+    if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < spec.min_popsize:
+        raise ValueError(f"popsize for {name} must be an integer >= {spec.min_popsize}, "
                          f"got {popsize!r}")
-    if not (isinstance(stdev, (int, float)) and stdev > 0):
+    if isinstance(stdev, bool) or not (isinstance(stdev, int | float) and math.isfinite(stdev)
+                                       and stdev > 0):
         raise ValueError(f"stdev must be a positive number, got {stdev!r}")
+    if spec.needs_gradient and not supports_gradients(problem.task):
+        raise ValueError(f"{name} needs a supervised task (sample + loss) for its gradients; "
+                         f"{problem.task.name!r} is not one")
+    return spec.build(problem, popsize=popsize, stdev=stdev, **options)
+
+
+# ----------------------------------------------------------------------------- adapter
+class EvoTorchSearcher:
+    """An EvoTorch ``SearchAlgorithm`` behind the :class:`Searcher` protocol.
+
+    The wrapped algorithm stays reachable as :attr:`algorithm` (attach EvoTorch
+    loggers to it), and attribute reads the adapter does not define are
+    forwarded to it (``searcher.population``, ``searcher.separable``, ...).
+
+    * ``status``: the algorithm's status plus ``"best_eval"`` = the highest
+      ``pop_best_eval`` over all steps so far (kept here, so it exists on every
+      device; EvoTorch keeps its own best only on the CPU).
+    * ``evaluations``: ``problem.evaluations`` (one evaluation = one forward of
+      one individual on one task batch).
+    * ``current_solution()``: the distribution's centre when the algorithm has
+      one, else the population's best.
+    * ``state_dict()``: :func:`~evotorch_mqa_moe.state.capture` of the algorithm
+      and its problem (tensors, numbers, strings: ``weights_only``-safe).
+
+    Args:
+        algorithm: an EvoTorch searcher over ``problem``. The data refresh
+            (:meth:`TransformerProblem.refresh_data_each_step`) is the caller's
+            choice; :func:`make_searcher`'s builders set it.
+        popsize: the population size it was built with (recorded in results).
+    """
+
+    def __init__(self, algorithm: Any, *, popsize: int | None = None):
+        self.algorithm = algorithm
+        self.popsize = popsize
+        self._best_eval = -math.inf
+
+    @property
+    def problem(self) -> TransformerProblem:
+        return self.algorithm.problem
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for names the adapter lacks; guard dunders (pickle, copy)
+        # and the time before __init__ / __setstate__ set ``algorithm``
+        algorithm = self.__dict__.get("algorithm")
+        if algorithm is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(algorithm, name)
+
+    def __repr__(self) -> str:
+        return f"EvoTorchSearcher({type(self.algorithm).__name__}, popsize={self.popsize})"
+
+    def step(self) -> None:
+        """One generation of the wrapped algorithm."""
+        self.algorithm.step()
+        pop_best = float(self.algorithm.status["pop_best_eval"])
+        if not self._best_eval >= pop_best:  # also replaces a NaN
+            self._best_eval = pop_best
+
+    @property
+    def status(self) -> dict[str, Any]:
+        status = dict(self.algorithm.status)
+        status["best_eval"] = self._best_eval
+        return status
+
+    def current_solution(self) -> Tensor:
+        """(N,) the centre of a distribution-based searcher, else the population's best."""
+        status = self.algorithm.status
+        if "center" in status:
+            return torch.as_tensor(status["center"]).as_subclass(Tensor).detach()
+        return status["pop_best"].values.as_subclass(Tensor).detach()
+
+    @property
+    def evaluations(self) -> int:
+        return int(self.problem.evaluations)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"algorithm": capture(self.algorithm), "best_eval": self._best_eval}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume exactly from :meth:`state_dict` (of a searcher built the same way).
+
+        EvoTorch creates some state lazily in the first step (the population, the
+        problem's best/worst records), and :func:`~evotorch_mqa_moe.state.restore`
+        writes into existing objects. A never-stepped algorithm therefore takes one
+        step first, with the task's forward replaced by zero fitness (no forward
+        pass is spent); everything it changed is then overwritten by the saved state.
+        """
+        if not isinstance(state, dict) or "algorithm" not in state:
+            raise ValueError("not a state_dict of an EvoTorch searcher "
+                             f"(keys: {sorted(state) if isinstance(state, dict) else state!r})")
+        if self.algorithm.step_count == 0:
+            self._dry_step()
+        restore(self.algorithm, state["algorithm"])
+        self._best_eval = float(state["best_eval"])
+
+    def _dry_step(self) -> None:
+        problem = self.problem
+
+        def zero_fitness(batch: Any) -> None:
+            batch.set_evals(torch.zeros(len(batch), dtype=problem.eval_dtype,
+                                        device=batch.device))
+
+        problem._evaluate_batch = zero_fitness  # instance attribute shadows the method
+        try:
+            self.algorithm.step()
+        finally:
+            del problem._evaluate_batch
+
+
+def _wrap(algorithm: Any, problem: TransformerProblem, popsize: int) -> EvoTorchSearcher:
+    problem.refresh_data_each_step(algorithm)
+    return EvoTorchSearcher(algorithm, popsize=popsize)
+
+
+# ----------------------------------------------------------------------------- builders
+def _build_ga(problem: TransformerProblem, *, popsize: int, stdev: float,
+              **options: Any) -> EvoTorchSearcher:
+    algorithm = seed_genetic_algorithm(problem, popsize=popsize, **{"stdev": stdev, **options})
+    return _wrap(algorithm, problem, popsize)
+
+
+def _build_ga_evotorch(problem: TransformerProblem, *, popsize: int, stdev: float,
+                       mutation_probability: float = 0.1, tournament_size: int = 4,
+                       eta: float = 8, **options: Any) -> EvoTorchSearcher:
+    operators = [SimulatedBinaryCrossOver(problem, tournament_size=tournament_size, eta=eta),
+                 EvoTorchGaussianMutation(problem, stdev=stdev,
+                                          mutation_probability=mutation_probability)]
+    kw = {"elitist": True, "re_evaluate": True, **options}
+    return _wrap(GeneticAlgorithm(problem, operators=operators, popsize=popsize, **kw),
+                 problem, popsize)
+
+
+def _build_steady_state_ga(problem: TransformerProblem, *, popsize: int, stdev: float,
+                           mutation_probability: float = 0.1, tournament_size: int = 4,
+                           **options: Any) -> EvoTorchSearcher:
+    kw = {"elitist": True, "re_evaluate": True, **options}
+    algorithm = SteadyStateGA(problem, popsize=popsize, **kw)
+    algorithm.use(UniformCrossOver(problem, tournament_size=tournament_size))
+    algorithm.use(GaussianMutation(problem, stdev=stdev,
+                                   mutation_probability=mutation_probability))
+    return _wrap(algorithm, problem, popsize)
+
+
+def _build_cosyne(problem: TransformerProblem, *, popsize: int, stdev: float,
+                  **options: Any) -> EvoTorchSearcher:
+    kw = {"tournament_size": 4, "mutation_stdev": stdev, "mutation_probability": 0.1,
+          "num_elites": 2, **options}
+    return _wrap(Cosyne(problem, popsize=popsize, **kw), problem, popsize)
+
+
+def _distribution_builder(cls: type, defaults: Callable[[TransformerProblem], dict[str, Any]]
+                          ) -> Callable[..., EvoTorchSearcher]:
+    """A builder for a distribution-based EvoTorch searcher started at the model's init."""
+
+    def build(problem: TransformerProblem, *, popsize: int, stdev: float,
+              **options: Any) -> EvoTorchSearcher:
+        kw = {**defaults(problem), **options}
+        algorithm = cls(problem, popsize=popsize, stdev_init=stdev,
+                        center_init=problem.init_center(), **kw)
+        return _wrap(algorithm, problem, popsize)
+
+    build.__name__ = f"build_{cls.__name__.lower()}"
+    return build
+
+
+def _build_pgpe(problem: TransformerProblem, *, popsize: int, stdev: float,
+                max_speed: float = 0.4, **options: Any) -> EvoTorchSearcher:
+    kw = {"center_learning_rate": 0.2, "stdev_learning_rate": 0.1, "optimizer": "clipup",
+          "optimizer_config": {"max_speed": max_speed}, "ranking_method": "centered",
+          **options}
+    algorithm = PGPE(problem, popsize=popsize, stdev_init=stdev,
+                     center_init=problem.init_center(), **kw)
+    return _wrap(algorithm, problem, popsize)
+
+
+def _build_xnes(problem: TransformerProblem, *, popsize: int, stdev: float,
+                force: bool = False, **options: Any) -> EvoTorchSearcher:
     n = problem.solution_length
-    kw: dict[str, Any]
-    if name == "ga":
-        searcher = seed_genetic_algorithm(problem, popsize=popsize,
-                                          **{"stdev": stdev, **overrides})
-    elif name == "ga-evotorch":
-        operators = [SimulatedBinaryCrossOver(problem, tournament_size=4, eta=8),
-                     EvoTorchGaussianMutation(problem, stdev=stdev, mutation_probability=0.1)]
-        kw = {"elitist": True, "re_evaluate": True, **overrides}
-        searcher = GeneticAlgorithm(problem, operators=operators, popsize=popsize, **kw)
-    elif name == "steady-state-ga":
-        kw = {"elitist": True, "re_evaluate": True, **overrides}
-        searcher = SteadyStateGA(problem, popsize=popsize, **kw)
-        searcher.use(UniformCrossOver(problem, tournament_size=4))
-        searcher.use(GaussianMutation(problem, stdev=stdev, mutation_probability=0.1))
-    elif name == "cosyne":
-        kw = {"tournament_size": 4, "mutation_stdev": stdev, "mutation_probability": 0.1,
-              "num_elites": 2, **overrides}
-        searcher = Cosyne(problem, popsize=popsize, **kw)
-    else:
-        center = problem.init_center()
-        if name == "pgpe":
-            kw = {"center_learning_rate": 0.2, "stdev_learning_rate": 0.1, "optimizer": "clipup",
-                  "optimizer_config": {"max_speed": 0.4}, "ranking_method": "centered"}
-            cls = PGPE
-        elif name == "snes":
-            kw, cls = {}, SNES
-        elif name == "xnes":
-            if n > XNES_MAX and "force" not in overrides:
-                raise ValueError(f"xnes keeps an N x N matrix: N={n} > {XNES_MAX}; "
-                                 "use snes, pgpe or cmaes (separable)")
-            kw, cls = {}, XNES
-        elif name == "cem":
-            kw, cls = {"parenthood_ratio": 0.25}, CEM
-        else:
-            kw, cls = {"separable": n > FULL_CMAES_MAX}, CMAES
-        kw.update(overrides)
-        kw.pop("force", None)
-        searcher = cls(problem, popsize=popsize, stdev_init=stdev, center_init=center, **kw)
-    problem.refresh_data_each_step(searcher)
-    return searcher
+    if n > XNES_MAX and not force:
+        raise ValueError(f"xnes keeps an N x N matrix: N={n} > {XNES_MAX}; "
+                         "use snes, pgpe or cmaes (separable), or pass force=True")
+    return _distribution_builder(XNES, lambda p: {})(problem, popsize=popsize, stdev=stdev,
+                                                     **options)
+
+
+def _build_adam(problem: TransformerProblem, *, popsize: int, stdev: float,
+                **options: Any) -> BackpropTrainer:
+    # one network: popsize and stdev do not apply
+    return BackpropTrainer(problem, **options)
+
+
+GA_SPACE = {"stdev": ("log", 0.005, 0.3), "mutation_probability": ("log", 0.005, 1.0),
+            "truncation_fraction": ("float", 0.05, 0.5), "num_elites": ("int", 0, 10),
+            "popsize": ("int", 50, 1000)}
+_ES_SPACE = {"stdev": ("log", 0.005, 0.3), "popsize": ("int", 20, 1000)}
+
+for _spec in (
+    SearcherSpec("ga", "our GA: truncation selection, uniform cross-over, probabilistic "
+                 "Gaussian mutation, elites", _build_ga, default_popsize=300, min_popsize=3,
+                 search_space=GA_SPACE),
+    SearcherSpec("ga-evotorch", "EvoTorch's GeneticAlgorithm with its SBX cross-over and "
+                 "Gaussian mutation", _build_ga_evotorch, default_popsize=300, min_popsize=3,
+                 search_space={"stdev": ("log", 0.005, 0.3),
+                               "mutation_probability": ("log", 0.005, 1.0),
+                               "tournament_size": ("int", 2, 10),
+                               "popsize": ("int", 50, 1000)}),
+    SearcherSpec("steady-state-ga", "EvoTorch's SteadyStateGA with our operators",
+                 _build_steady_state_ga, default_popsize=300, min_popsize=3,
+                 search_space={"stdev": ("log", 0.005, 0.3),
+                               "mutation_probability": ("log", 0.005, 1.0),
+                               "tournament_size": ("int", 2, 10),
+                               "popsize": ("int", 50, 1000)}),
+    SearcherSpec("cosyne", "EvoTorch's CoSyNE (cooperative synapse neuroevolution)",
+                 _build_cosyne, default_popsize=300, min_popsize=4,
+                 search_space={"stdev": ("log", 0.005, 0.3),
+                               "mutation_probability": ("log", 0.005, 1.0),
+                               "num_elites": ("int", 0, 10), "popsize": ("int", 50, 1000)}),
+    SearcherSpec("cmaes", f"CMA-ES (separable above {FULL_CMAES_MAX} parameters)",
+                 _distribution_builder(
+                     CMAES, lambda p: {"separable": p.solution_length > FULL_CMAES_MAX}),
+                 default_popsize=100, min_popsize=4, search_space=_ES_SPACE),
+    SearcherSpec("pgpe", "PGPE with the ClipUp optimiser", _build_pgpe, default_popsize=200,
+                 min_popsize=4,
+                 search_space={"stdev": ("log", 0.005, 0.3),
+                               "center_learning_rate": ("log", 0.01, 1.0),
+                               "stdev_learning_rate": ("log", 0.01, 0.5),
+                               "max_speed": ("log", 0.02, 2.0),
+                               "popsize": ("int", 20, 1000, 2)}),  # symmetric: even
+    SearcherSpec("snes", "separable natural evolution strategy",
+                 _distribution_builder(SNES, lambda p: {}), default_popsize=200, min_popsize=4,
+                 search_space=_ES_SPACE),
+    SearcherSpec("xnes", f"exponential natural evolution strategy (N <= {XNES_MAX})",
+                 _build_xnes, default_popsize=100, min_popsize=4, search_space=_ES_SPACE),
+    SearcherSpec("cem", "cross-entropy method",
+                 _distribution_builder(CEM, lambda p: {"parenthood_ratio": 0.25}),
+                 default_popsize=200, min_popsize=4,
+                 search_space={**_ES_SPACE, "parenthood_ratio": ("float", 0.05, 0.5)}),
+    SearcherSpec("adam", "backprop reference: Adam on the same model, loss and data "
+                 "(one network; popsize and stdev do not apply)", _build_adam,
+                 default_popsize=1, min_popsize=1, needs_gradient=True,
+                 search_space={"lr": ("log", 1e-4, 3e-2)}),
+):
+    register(_spec)
+del _spec

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from evotorch_mqa_moe.cli import main
-from evotorch_mqa_moe.run import ALL_SEARCHERS, load_model
+from evotorch_mqa_moe.run import load_model
+from evotorch_mqa_moe.searchers import SEARCHERS
 
 TINY = ["--model", "embed_dim=8", "--model", "num_heads=2", "--model", "expert_dim=8"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- run
-@pytest.mark.parametrize("searcher", list(ALL_SEARCHERS))
+@pytest.mark.parametrize("searcher", list(SEARCHERS))
 def test_run_every_searcher_writes_all_files(tmp_path, searcher, capsys):
     out = tmp_path / searcher
     assert main(_run_args(out, searcher)) == 0
@@ -78,6 +79,7 @@ def test_run_every_searcher_writes_all_files(tmp_path, searcher, capsys):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert results["searcher"] == searcher and results["generations"] == 2
+    assert results["stopped_by"] == "generations"
     assert set(results["final_metrics"]) >= {"exact_accuracy", "token_accuracy", "loss"}
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert len(ckpt["history"]) == 2
@@ -89,6 +91,97 @@ def test_run_every_searcher_writes_all_files(tmp_path, searcher, capsys):
     assert header[:6] == ["generation", "evaluations", "wall_time", "best_fitness",
                           "mean_fitness", "best_so_far"]
     assert "exact_accuracy" in header
+
+
+def _history(out: Path):
+    import pandas as pd
+
+    return pd.read_csv(out / "history.csv")
+
+
+def test_best_so_far_is_the_running_maximum(tmp_path):
+    """history.csv's best_so_far is the running maximum of best_fitness, adam included."""
+    out = tmp_path / "adam"
+    assert main(_run_args(out, "adam", 12)) == 0
+    h = _history(out)
+    assert (h["best_so_far"] == h["best_fitness"].cummax()).all()
+    assert (h["best_so_far"].diff().dropna() >= 0).all()
+
+
+# ------------------------------------------------------------------------ budgets
+def _budget_args(out: Path, searcher: str, *budget: str) -> list[str]:
+    return ["run", "reverse", "--searcher", searcher, "--popsize", "8", "--eval-every", "5",
+            "--checkpoint-every", "5", "--out", str(out), *TINY, *budget]
+
+
+@pytest.mark.parametrize(("searcher", "evals", "generations"),
+                         [("pgpe", 200, 25), ("adam", 30, 10)])
+def test_max_evals_alone_is_the_limit(tmp_path, searcher, evals, generations, capsys):
+    """--max-evals without --generations runs to the evaluation budget (no hidden 100)."""
+    out = tmp_path / searcher
+    assert main(_budget_args(out, searcher, "--max-evals", str(evals), "--quiet")) == 0
+    results = json.loads((out / "results.json").read_text())
+    # pgpe: 8 forward-equivalents per generation; adam: 3 per step
+    assert results["evaluations"] == evals and results["generations"] == generations
+    assert results["stopped_by"] == "max_evaluations"
+    assert f"{evals:,} forward-equivalents" in capsys.readouterr().out
+
+
+def test_several_limits_the_log_says_which_ended_the_run(tmp_path, capsys):
+    out = tmp_path / "gens"
+    assert main(_budget_args(out, "pgpe", "--generations", "3", "--max-evals", "800")) == 0
+    assert "stopped by generations: 3 generations >= 3" in capsys.readouterr().err
+    out = tmp_path / "evals"
+    assert main(_budget_args(out, "pgpe", "--generations", "300", "--max-evals", "24",
+                             "--max-seconds", "3600")) == 0
+    assert "stopped by max_evaluations: 24 forward-equivalents >= 24" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["generations"] == 3
+
+
+def test_max_seconds_stops(tmp_path, capsys):
+    """A tiny time budget ends the run after its first generation, whatever else is given."""
+    out = tmp_path / "t"
+    assert main(_budget_args(out, "pgpe", "--max-seconds", "1e-9", "--generations",
+                             "100000", "--max-evals", "10000000")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["generations"] == 1 and results["stopped_by"] == "max_seconds"
+    assert "stopped by max_seconds" in capsys.readouterr().err
+
+
+class _Settings(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("budget", "expected"), [
+    ([], {"generations": 100, "max_evaluations": None, "max_seconds": None}),
+    (["--max-evals", "60000"], {"generations": None, "max_evaluations": 60000}),
+    (["--max-seconds", "30"], {"generations": None, "max_seconds": 30.0}),
+    (["--generations", "7", "--max-seconds", "30"], {"generations": 7, "max_seconds": 30.0}),
+])
+def test_generations_default_only_without_another_limit(tmp_path, monkeypatch, budget, expected):
+    """The settings `run` receives: 100 generations only when no limit at all is given."""
+    import evotorch_mqa_moe.run as run_module
+
+    def fake_run(settings, out, resume=False):
+        raise _Settings(settings)
+
+    monkeypatch.setattr(run_module, "run", fake_run)
+    with pytest.raises(_Settings) as caught:
+        main(_budget_args(tmp_path / "x", "pgpe", *budget))
+    settings = caught.value.args[0]
+    assert {k: getattr(settings, k) for k in expected} == expected
+
+
+def test_searcher_option_and_lr_reach_the_searcher(tmp_path):
+    out = tmp_path / "o"
+    assert main(_budget_args(out, "adam", "--generations", "1", "--lr", "0.01", "--quiet")) == 0
+    assert json.loads((out / "results.json").read_text())["settings"]["searcher_options"] == {
+        "lr": 0.01}
+    out = tmp_path / "p"
+    assert main(_budget_args(out, "pgpe", "--generations", "1", "--searcher-option",
+                             "center_learning_rate=0.1", "--quiet")) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["settings"]["searcher_options"] == {"center_learning_rate": 0.1}
 
 
 @pytest.mark.parametrize("searcher", ["pgpe", "ga", "adam"])
@@ -182,7 +275,7 @@ def test_unknown_task(tmp_path, capsys):
 def test_unknown_searcher_run_and_compare(tmp_path, capsys):
     msg = _error(_run_args(tmp_path, "nosuch"), capsys)
     assert "nosuch" in msg and "pgpe" in msg
-    msg = _error(["compare", "reverse", "--searchers", "pgpe,nosuch", "--budget-evals", "8",
+    msg = _error(["compare", "reverse", "--searchers", "pgpe,nosuch", "--max-evals", "8",
                   "--out", str(tmp_path)], capsys)
     assert "'nosuch'" in msg
 
@@ -193,7 +286,7 @@ def test_popsize_too_small(tmp_path, capsys, searcher):
                   str(tmp_path)], capsys)
     assert "--popsize 2" in msg and searcher in msg
     msg = _error(["compare", "reverse", "--searchers", f"adam,{searcher}", "--popsize", "2",
-                  "--budget-evals", "8", "--out", str(tmp_path)], capsys)
+                  "--max-evals", "8", "--out", str(tmp_path)], capsys)
     assert searcher in msg
 
 
@@ -225,17 +318,33 @@ def test_bad_key_value_and_task_option(tmp_path, capsys):
 
 def test_compare_bad_seeds_and_adam_on_cartpole(tmp_path, capsys):
     msg = _error(["compare", "reverse", "--searchers", "pgpe", "--seeds", "0",
-                  "--budget-evals", "8", "--out", str(tmp_path)], capsys)
+                  "--max-evals", "8", "--out", str(tmp_path)], capsys)
     assert "--seeds" in msg
-    msg = _error(["compare", "cartpole", "--searchers", "pgpe,adam", "--budget-evals", "8",
+    msg = _error(["compare", "cartpole", "--searchers", "pgpe,adam", "--max-evals", "8",
                   "--out", str(tmp_path)], capsys)
     assert "adam" in msg and "cartpole" in msg
+    msg = _error(["run", "cartpole", "--searcher", "adam", "--generations", "1",
+                  "--out", str(tmp_path)], capsys)
+    assert "adam needs a supervised task" in msg and "cartpole" in msg
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["run", "reverse", "--max-evals", "0"], "--max-evals"),
+    (["run", "reverse", "--max-seconds", "-1"], "--max-seconds"),
+    (["run", "reverse", "--max-seconds", "inf"], "--max-seconds"),
+    (["compare", "reverse", "--searchers", "pgpe"], "budget"),
+    (["compare", "reverse", "--searchers", "pgpe", "--max-seconds", "nan"], "--max-seconds"),
+])
+def test_bad_budgets(tmp_path, capsys, argv, match):
+    assert match in _error([*argv, "--out", str(tmp_path / "x")], capsys)
 
 
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "reverse" in out and "adam" in out and "cartpole" in out
+    assert "reverse" in out and "cartpole" in out
+    for name, spec in SEARCHERS.items():
+        assert name in out and spec.description in out
 
 
 def test_subprocess_bad_argument_one_line():

@@ -23,7 +23,7 @@ PLOTS = ["best_fitness_vs_evaluations.png", "best_fitness_vs_wall_time.png",
 
 
 def _compare(out, searchers=("pgpe", "adam"), budget=24, **kw):
-    return compare("reverse", list(searchers), seeds=kw.pop("seeds", 1), budget_evals=budget,
+    return compare("reverse", list(searchers), seeds=kw.pop("seeds", 1), max_evals=budget,
                    out=out, popsize=8, model=TINY, eval_every=1, command="pytest", **kw)
 
 
@@ -32,14 +32,17 @@ def test_compare_writes_csv_summary_plots_and_resumes(tmp_path):
     csv = pd.read_csv(tmp_path / "results.csv")
     assert list(csv.columns) == RESULT_COLUMNS
     assert list(csv["searcher"]) == ["pgpe", "adam"] and list(csv["seed"]) == [0, 0]
-    assert (csv["evaluations"] == 24).all() and (csv["popsize"] == 8).all()
+    # forward-equivalents: pgpe 3 generations of 8, adam 8 steps of 3 (one network)
+    assert (csv["evaluations"] == 24).all() and list(csv["popsize"]) == [8, 1]
     assert (csv["target_metric"] == "exact_accuracy").all()
-    # target 0 is reached at the first held-out evaluation (generation 1 = 8 evaluations)
-    assert (csv["evals_to_target"] == 8).all() and (csv["time_to_target"] > 0).all()
+    assert (csv["stopped_by"] == "max_evaluations").all()
+    # target 0 is reached at the first held-out evaluation (generation / step 1)
+    assert list(csv["evals_to_target"]) == [8, 3] and (csv["time_to_target"] > 0).all()
     pd.testing.assert_frame_equal(table.reset_index(drop=True), csv, check_dtype=False)
     summary = (tmp_path / "summary.md").read_text()
-    for text in ("| pgpe | 1 | 8 |", "| adam | 1 | 8 |", "1/1", "Command: `pytest`",
-                 "torch", "EvoTorch", "CPUs", "Date:"):
+    for text in ("| pgpe | 1 | 8 |", "| adam | 1 | 1 |", "1/1", "Command: `pytest`",
+                 "24 forward-equivalents", "wall time (s)", "torch", "EvoTorch", "CPUs",
+                 "Date:"):
         assert text in summary, text
     for name in PLOTS:
         path = tmp_path / name
@@ -52,7 +55,7 @@ def test_compare_writes_csv_summary_plots_and_resumes(tmp_path):
     pd.testing.assert_frame_equal(again, table)
     # a larger budget extends the finished runs
     more = _compare(tmp_path, budget=32, target=0.0)
-    assert (more["evaluations"] == 32).all()
+    assert list(more["evaluations"]) == [32, 33]  # adam overshoots by less than a step
     history = pd.read_csv(tmp_path / "pgpe" / "seed0" / "history.csv")
     assert list(history["generation"]) == [1, 2, 3, 4]
 
@@ -65,29 +68,45 @@ def test_compare_two_seeds_default_target_never_reached(tmp_path):
     assert "target 0.9" in summary and "0/2" in summary
 
 
-def test_compare_adam_popsize_follows_the_others(tmp_path):
-    """Without popsize, adam counts steps x the largest default population compared."""
-    table = compare("reverse", ["adam"], seeds=1, budget_evals=400, out=tmp_path,
-                    model=TINY, eval_every=5)
-    assert table["popsize"].tolist() == [200]
-    assert table["evaluations"].tolist() == [400]  # 2 Adam steps of one batch each
+def test_compare_adam_spends_forward_equivalents_whatever_the_popsize(tmp_path):
+    """No popsize for adam to follow: 3 forward-equivalents per step of one network."""
+    table = compare("reverse", ["adam"], seeds=1, max_evals=30, out=tmp_path, model=TINY,
+                    eval_every=5, popsize=200)
+    assert table["popsize"].tolist() == [1] and table["evaluations"].tolist() == [30]
+    history = pd.read_csv(tmp_path / "adam" / "seed0" / "history.csv")
+    assert list(history["evaluations"]) == [3 * k for k in range(1, 11)]
+
+
+def test_compare_max_seconds_budget(tmp_path):
+    """A wall-time budget alone: each run stops after the generation that crosses it."""
+    table = _compare(tmp_path, searchers=("pgpe", "adam"), budget=None, max_seconds=1e-9)
+    assert (table["stopped_by"] == "max_seconds").all()
+    assert list(table["evaluations"]) == [8, 3]  # one generation / step each
+    summary = (tmp_path / "summary.md").read_text()
+    assert "1e-09 s of search wall time" in summary
 
 
 def test_compare_validates_before_running(tmp_path):
     with pytest.raises(ValueError, match="unknown searcher 'nope'"):
         _compare(tmp_path, searchers=("pgpe", "nope"))
     with pytest.raises(ValueError, match="unknown task"):
-        compare("nope", ["pgpe"], budget_evals=8, out=tmp_path)
+        compare("nope", ["pgpe"], max_evals=8, out=tmp_path)
     with pytest.raises(ValueError, match="too small for cmaes"):
-        compare("reverse", ["cmaes"], budget_evals=8, out=tmp_path, popsize=2)
+        compare("reverse", ["cmaes"], max_evals=8, out=tmp_path, popsize=2)
     with pytest.raises(ValueError, match="seeds"):
         _compare(tmp_path, seeds=0)
-    with pytest.raises(ValueError, match="budget_evals"):
+    with pytest.raises(ValueError, match="max_evals must be a positive integer, got 0"):
         _compare(tmp_path, budget=0)
+    with pytest.raises(ValueError, match="give a budget"):
+        _compare(tmp_path, budget=None)
+    with pytest.raises(ValueError, match="max_seconds.*-1"):
+        _compare(tmp_path, max_seconds=-1.0)
+    with pytest.raises(ValueError, match="not both"):
+        _compare(tmp_path, budget_evals=8)
     with pytest.raises(ValueError, match="adam needs a supervised task"):
-        compare("cartpole", ["pgpe", "adam"], budget_evals=8, out=tmp_path)
+        compare("cartpole", ["pgpe", "adam"], max_evals=8, out=tmp_path)
     with pytest.raises(TypeError):
-        compare("reverse", "pgpe", budget_evals=8, out=tmp_path)
+        compare("reverse", "pgpe", max_evals=8, out=tmp_path)
     with pytest.raises(ValueError, match="target"):
         _compare(tmp_path, target=float("nan"))
     assert not list(tmp_path.iterdir())  # nothing ran
@@ -123,18 +142,19 @@ def test_summarize_median_range_and_reached():
         "evaluations": 100, "wall_time": [1.0, 2.0, 3.0, 4.0],
         "evals_to_target": [math.nan, 60.0, 80.0, math.nan],
         "time_to_target": [math.nan, 1.5, 2.5, math.nan], "parameters": 10, "popsize": 8})
-    text = summarize(table, metric="m", target=0.4, budget_evals=100, command="cmd")
+    text = summarize(table, metric="m", target=0.4, max_evals=100, command="cmd")
     row_a = next(line for line in text.splitlines() if line.startswith("| a |"))
     assert "0.5 [0.2-0.8]" in row_a and "2/3" in row_a and "| 70 |" in row_a
     assert "| 2 |" in row_a  # median time to target over the seeds that reached it
     row_b = next(line for line in text.splitlines() if line.startswith("| b |"))
     assert "0/1" in row_b
-    no_target = summarize(table, metric="m", target=None, budget_evals=100)
+    no_target = summarize(table, metric="m", target=None, max_evals=100, max_seconds=60)
     assert "no target" in no_target
+    assert "100 forward-equivalents or 60 s of search wall time" in no_target
 
 
 def test_cli_compare_writes_files(tmp_path, capsys):
-    argv = ["compare", "reverse", "--searchers", "pgpe,ga", "--seeds", "1", "--budget-evals",
+    argv = ["compare", "reverse", "--searchers", "pgpe,ga", "--seeds", "1", "--max-evals",
             "16", "--popsize", "8", "--eval-every", "1", "--quiet", "--out", str(tmp_path)]
     for key, value in TINY.items():
         argv += ["--model", f"{key}={value}"]
