@@ -11,6 +11,11 @@ inputs to outputs for every individual at once. That one shape fits both
 Fitness is always maximised. Held-out metrics are computed on data that search
 never sees (a fixed test set, fresh episodes) and reported for the best
 individual; the task names the one that matters in ``target_metric``.
+
+Optional: ``sensitivity_inputs(batch_size, generator) -> Tensor``, a batch of
+typical inputs for measuring how sensitive the outputs are to each weight (safe
+mutation, :mod:`evotorch_mqa_moe.safe_mutation`); supervised tasks answer with a
+training batch's inputs, episodic ones (cartpole) with observation windows.
 """
 
 from __future__ import annotations
@@ -92,6 +97,10 @@ class SupervisedTask(ABC):
     @abstractmethod
     def score(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Held-out metrics, each (P,), of outputs (P, B, ...) against targets."""
+
+    def sensitivity_inputs(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """Typical inputs for output-sensitivity measurements: a training batch's inputs."""
+        return self.sample(batch_size, generator)[0]
 
     def fitness(self, model: PopulationModel, generator: torch.Generator) -> Tensor:
         inputs, targets = self.sample(self.batch_size, generator)

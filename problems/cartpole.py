@@ -210,6 +210,44 @@ class CartPoleTask:
             )
         return out
 
+    def sensitivity_inputs(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """(batch_size, W, I) float32 observation windows like those a policy reads.
+
+        Typical inputs for safe mutation, which measures how the policy's outputs
+        (not its returns) react to each weight. Window ``b`` ends a short episode of
+        random pushes from a start state seeded from ``generator``, after a uniform
+        number of steps in ``[0, 2W)`` or at the last observation before the episode
+        ends, whichever comes first; positions before the start repeat the first
+        observation, as in :meth:`rollout`. The same generator state gives the same windows.
+        """
+        from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
+
+        n, W = _positive_int("batch_size", batch_size), self.window
+        seeds = torch.randint(0, TRAIN_SEED_SPACE, (n,), generator=generator, dtype=torch.int64)
+        ends = torch.randint(0, 2 * W, (n,), generator=generator).numpy()
+        steps = int(ends.max())
+        pushes = torch.randint(0, 2, (max(steps, 1), n), generator=generator).numpy()
+        start = start_states(seeds.tolist())  # (n, 4)
+        frames = np.empty((W + steps, n, 4))  # frame f of env b at [W - 1 + f, b]
+        frames[:W] = start
+        env = CartPoleVectorEnv(num_envs=n, max_episode_steps=self.max_steps)
+        env.reset(seed=0)
+        env.state = np.ascontiguousarray(start.T)
+        alive = np.ones(n, dtype=bool)
+        try:
+            for i in range(steps):
+                obs, _, terminated, truncated, _ = env.step(pushes[i])
+                stop = alive & (terminated | truncated)  # frame i + 1 is never seen
+                ends = np.where(stop, np.minimum(ends, i), ends)
+                alive &= ~stop
+                frames[W + i] = np.where(alive[:, None], obs, frames[W - 1 + i])
+        finally:
+            env.close()
+        rows = ends[None, :] + np.arange(W)[:, None]  # (W, n): the window's frames
+        windows = frames[rows, np.arange(n)[None, :]].transpose(1, 0, 2)  # (n, W, 4)
+        windows = self.observe(windows.astype(np.float32).astype(np.float64))
+        return torch.from_numpy(np.ascontiguousarray(windows)).float()
+
     # ------------------------------------------------------------- Task API
     def fitness(self, model: PopulationModel, generator: torch.Generator) -> Tensor:
         """(P,) mean return over ``episodes`` episodes seeded from ``generator``.

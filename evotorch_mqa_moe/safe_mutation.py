@@ -1,0 +1,505 @@
+"""Safe mutation through output gradients (Lehman et al. 2018, SM-G-SUM and SM-G-ABS).
+
+Joel Lehman, Jay Chen, Jeff Clune, Kenneth O. Stanley, "Safe mutations for deep and
+recurrent neural networks through output gradients", GECCO 2018 (arXiv:1712.06563).
+
+A plain Gaussian mutation of every weight by the same ``stdev`` changes a deep
+network's behaviour very unevenly: a step that is harmless for an expert weight
+can wreck a LayerNorm gain or a router. Safe mutation measures how sensitive the
+network's *outputs* (not its reward: no reward gradient is needed, so it works on
+control tasks too) are to each gene on a batch of typical inputs, and divides each
+gene's mutation by that sensitivity, so that every gene moves the outputs by about
+the same amount.
+
+Two pieces:
+
+* :func:`output_sensitivity` - the per-gene sensitivity ``(P, N)`` of a whole
+  population, vectorised through :func:`~evotorch_mqa_moe.model.population_forward`:
+  the paper's SM-G-SUM (``"sum"``) and SM-G-ABS (``"abs"``), and ``"rms"``, a cheap
+  unbiased random-sign estimate of the per-row output gradient (the default: see
+  below);
+* :class:`SafeMutationScale` - turns sensitivities into stdev multipliers for
+  :meth:`~evotorch_mqa_moe.operators.GaussianMutation.mutate_values` and refreshes
+  them every ``every`` generations so their cost stays a small share of a run.
+
+Which measure: SM-G-SUM differentiates the outputs *summed over the examples*, so
+the effects of a gene on different rows (batch items and sequence positions) can
+cancel: a gene that moves every position's logits, some up and some down, looks
+insensitive and then gets a huge mutation. On this model's per-position outputs
+that cancellation dominates: with the reverse task's default model, safe mutation
+by SM-G-SUM did not even make the output change per mutated parameter tensor more
+uniform than plain mutation (coefficient of variation over tensors 0.8-2.5 against
+1.2-1.4; tests/test_safe_mutation.py pins the statistic), while SM-G-ABS (0.18) and
+``"rms"`` (0.2-0.3 with 4 projections, 0.14 exact) did. SM-G-ABS needs each row's
+gradient separately (``T x O`` backward passes per chunk); ``"rms"`` gets the
+root-mean-square over rows with ``projections`` backward passes per chunk, whatever
+``O`` and ``T``, by the random-sign (Hutchinson) trick. So ``"rms"`` is the default.
+
+Shape legend: ``P`` population, ``N`` genes, ``B`` batch, ``T`` sequence length,
+``M`` output rows (``B * T``, or ``B`` when the config pools), ``O`` output units.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from loguru import logger
+from torch import Tensor
+
+from .config import TransformerConfig
+from .model import (
+    _bytes_per_individual,
+    check_inputs,
+    default_chunk_size,
+    num_parameters,
+    population_forward,
+)
+
+__all__ = [
+    "METHODS",
+    "output_sensitivity",
+    "sensitivity_to_scale",
+    "sensitivity_inputs",
+    "SafeMutationScale",
+]
+
+#: Sensitivity measures: ``"rms"`` (random-sign estimate of the per-row RMS output
+#: gradient), ``"sum"`` = SM-G-SUM, ``"abs"`` = SM-G-ABS; see :func:`output_sensitivity`.
+METHODS = ("rms", "sum", "abs")
+
+# Autograd keeps roughly this many times a forward pass's live activations for the
+# backward pass; the sensitivity chunks are the forward's chunks divided by it.
+_BACKWARD_MEMORY_FACTOR = 3
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_method(method: object) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------
+# Sensitivity
+# ----------------------------------------------------------------------------
+
+
+def _shape_bt(config: TransformerConfig, inputs: Tensor) -> tuple[int, int]:
+    return tuple(inputs.shape[-2:] if config.token_inputs else inputs.shape[-3:-1])
+
+
+def output_sensitivity(
+    config: TransformerConfig,
+    values: Tensor,
+    inputs: Tensor,
+    *,
+    method: str = "rms",
+    projections: int = 4,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """Per-gene sensitivity of every individual's outputs, ``(P, N)``, vectorised.
+
+    With ``y[r, k]`` the output unit ``k`` (of ``O``) at output row ``r`` (of ``M``:
+    every batch item and position, or every batch item when the config pools) of
+    the network ``values[p]`` on ``inputs``, and ``w_j`` its gene ``j``:
+
+    * ``"sum"`` (SM-G-SUM): ``s_j = sqrt(sum_k ((1/M) sum_r dy[r, k]/dw_j) ** 2)``;
+    * ``"abs"`` (SM-G-ABS): ``s_j = sqrt(sum_k ((1/M) sum_r |dy[r, k]/dw_j|) ** 2)``;
+    * ``"rms"``: an unbiased estimate of
+      ``s_j ** 2 = (1/M) sum_r sum_k (dy[r, k]/dw_j) ** 2`` (the mean over rows of
+      the squared output change per unit change of ``w_j``), namely
+      ``(1/(M R)) sum_q (sum_{r,k} xi[q, r, k] dy[r, k]/dw_j) ** 2`` with ``R =
+      projections`` independent random signs ``xi = +-1`` per individual (the cross
+      terms vanish in expectation). Its relative spread falls like
+      ``sqrt(2 / R)`` (less when several individuals' estimates are pooled).
+
+    ``"sum"`` and ``"abs"`` are the definitions of the paper's reference code (each
+    output unit's gradient summed (``"sum"``) or absolute-value summed (``"abs"``)
+    over the examples, then the L2 norm over output units), averaged over rows
+    instead of summed, which only rescales ``s`` by ``1/M``. ``"sum"`` lets the
+    gradients of different rows cancel; ``"abs"`` and ``"rms"`` do not.
+
+    Args:
+        config: the architecture.
+        values: ``(P, N)`` flat parameter vectors (not modified; no gradient flows back).
+        inputs: shared by all individuals, tokens ``(B, T)`` / vectors ``(B, T, I)``,
+            or one batch per individual ``(P, B, T[, I])``.
+        method: ``"rms"``, ``"sum"`` or ``"abs"``.
+        projections: ``R``, random-sign backward passes per chunk (``"rms"`` only).
+        generator: draws the random signs (``"rms"`` only); ``None`` uses torch's
+            global generator for ``values``' device. With a CPU generator the result
+            does not depend on the chunking.
+        chunk_size: individuals (``"rms"``, ``"sum"``) or individual x batch-item
+            replicas (``"abs"``) per vectorised chunk; default from ``memory_budget``.
+        memory_budget: activation bytes a chunk may use, as for
+            :func:`~evotorch_mqa_moe.model.population_forward` (the forward's chunk
+            is divided by 3 for what autograd keeps alive).
+    Returns:
+        ``(P, N)`` non-negative sensitivities, on ``values``' device and dtype.
+
+    Cost: ``"rms"`` is one forward and ``R`` backward passes per chunk, ``"sum"``
+    one forward and ``O`` backward passes (one per output unit), each through the
+    whole chunk at once (individuals are independent, so the gradient of a sum over
+    individuals is every individual's own gradient).
+    ``"abs"`` needs every row's gradient separately: each individual is replicated
+    once per batch item (a chunk of ``individuals x B`` networks on one sequence each),
+    and each of the ``T * O`` (row position, unit) pairs takes one backward pass; that
+    is ``T`` times the backward work of ``"sum"`` (the same for pooled configs, T = 1).
+    Works under ``torch.no_grad()`` (gradients are enabled inside).
+    """
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+    method = _check_method(method)
+    if not isinstance(values, Tensor) or values.dim() != 2:
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"values must be a (P, N) tensor, got {shape}")
+    N = num_parameters(config)
+    if values.shape[1] != N:
+        raise ValueError(f"values have {values.shape[1]} columns; this config has N={N} parameters")
+    if not values.is_floating_point():
+        raise TypeError(f"values must be floating point, got dtype {values.dtype}")
+    P = values.shape[0]
+    if P == 0:
+        raise ValueError("values hold no individuals (P=0)")
+    check_inputs(config, inputs, popsize=P)
+    if inputs.device != values.device:
+        raise ValueError(f"inputs are on {inputs.device} but values on {values.device}")
+    _positive_int("projections", projections)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if chunk_size is not None:
+        _positive_int("chunk_size", chunk_size)
+    if memory_budget is not None and memory_budget <= 0:
+        raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
+    values = values.detach()
+    if type(values) is not Tensor:  # e.g. EvoTorch's ReadOnlyTensor
+        values = values.as_subclass(Tensor)
+    if not config.token_inputs and inputs.dtype != values.dtype:
+        inputs = inputs.to(values.dtype)
+    with torch.enable_grad():
+        if method == "abs":
+            return _sensitivity_abs(config, values, inputs, chunk_size, memory_budget)
+        return _sensitivity_projected(config, values, inputs, method, projections, generator,
+                                      chunk_size, memory_budget)
+
+
+def _chunk(config: TransformerConfig, rows: int, values: Tensor, memory_budget: int | None,
+           extra_bytes: int = 0) -> int:
+    """Networks per sensitivity chunk: the forward's chunk for ``rows`` token rows / 3,
+    further limited when each network also holds ``extra_bytes`` of gradients."""
+    forward = default_chunk_size(config, rows, values.device, values.dtype, memory_budget)
+    chunk = max(1, forward // _BACKWARD_MEMORY_FACTOR)
+    if extra_bytes:
+        per = _bytes_per_individual(config, rows, values.element_size())
+        budget = forward * per  # the budget actually in force, as default_chunk_size saw it
+        chunk = max(1, min(chunk, budget // (_BACKWARD_MEMORY_FACTOR * per + extra_bytes)))
+    return chunk
+
+
+def _sensitivity_projected(config: TransformerConfig, values: Tensor, inputs: Tensor,
+                           method: str, projections: int, generator: torch.Generator | None,
+                           chunk_size: int | None, memory_budget: int | None) -> Tensor:
+    """``"sum"`` (one backward per output unit) and ``"rms"`` (one per random-sign projection)."""
+    P, N = values.shape
+    B, T = _shape_bt(config, inputs)
+    per_individual = inputs.dim() == (3 if config.token_inputs else 4)
+    if chunk_size is None:
+        chunk_size = _chunk(config, B * T, values, memory_budget)
+    out = torch.empty_like(values)
+    O = config.output_dim
+    sign_device = generator.device if generator is not None else values.device
+    for start in range(0, P, chunk_size):
+        stop, c = min(P, start + chunk_size), min(P, start + chunk_size) - start
+        leaf = values[start:stop].clone().requires_grad_(True)
+        x = inputs[start:stop] if per_individual else inputs
+        y = population_forward(config, leaf, x, chunk_size=c).reshape(c, -1, O)  # (c, M, O)
+        M = y.shape[1]
+        acc = out[start:stop].zero_()
+        if method == "sum":
+            y = y.mean(dim=1)  # (c, O): the row mean of every unit
+            for k in range(O):
+                (grad,) = torch.autograd.grad(y[:, k].sum(), leaf, retain_graph=k + 1 < O)
+                acc.addcmul_(grad, grad)
+        else:
+            # (c, R, M, O) signs, individual-major, so chunks draw the same numbers
+            signs = torch.randint(0, 2, (c, projections, M, O), generator=generator,
+                                  device=sign_device, dtype=y.dtype).to(y.device)
+            signs.mul_(2).sub_(1)
+            for q in range(projections):
+                (grad,) = torch.autograd.grad(y, leaf, signs[:, q],
+                                              retain_graph=q + 1 < projections)
+                acc.addcmul_(grad, grad)
+            acc.div_(M * projections)
+        acc.sqrt_()
+    return out
+
+
+def _sensitivity_abs(config: TransformerConfig, values: Tensor, inputs: Tensor,
+                     chunk_size: int | None, memory_budget: int | None) -> Tensor:
+    P, N = values.shape
+    B, T = _shape_bt(config, inputs)
+    O = config.output_dim
+    per_individual = inputs.dim() == (3 if config.token_inputs else 4)
+    rows = 1 if config.pooling is not None else T  # output rows per replica (one sequence)
+    if chunk_size is None:
+        # a replica holds its own copy of the genes and their gradient
+        chunk_size = _chunk(config, T, values, memory_budget,
+                            extra_bytes=2 * N * values.element_size())
+    # Replica i of the flattened (individual, batch item) grid is individual i // B
+    # on sequence i % B.
+    flat_inputs = inputs if per_individual else inputs.unsqueeze(0).expand(P, *inputs.shape)
+    flat_inputs = flat_inputs.reshape(P * B, 1, *flat_inputs.shape[2:])  # (P*B, 1, T[, I])
+    out = torch.zeros_like(values)
+    unit = torch.empty_like(values)  # (P, N): sum_r |dy[r, k]/dw| for the current unit k
+    for k in range(O):
+        unit.zero_()
+        for start in range(0, P * B, chunk_size):
+            stop = min(P * B, start + chunk_size)
+            owner = torch.arange(start, stop, device=values.device) // B  # (c,) individual
+            leaf = values.index_select(0, owner).requires_grad_(True)  # (c, N) replicas
+            y = population_forward(config, leaf, flat_inputs[start:stop], chunk_size=stop - start)
+            y = y.reshape(stop - start, rows, O)
+            for r in range(rows):
+                (grad,) = torch.autograd.grad(y[:, r, k].sum(), leaf, retain_graph=r + 1 < rows)
+                unit.index_add_(0, owner, grad.abs_())
+        out.addcmul_(unit, unit)
+    return out.sqrt_().div_(B * rows)
+
+
+# ----------------------------------------------------------------------------
+# Sensitivity -> mutation scale
+# ----------------------------------------------------------------------------
+
+
+def sensitivity_to_scale(sensitivity: Tensor, *, floor: float = 0.01) -> Tensor:
+    """Stdev multipliers ``~ 1 / sensitivity``, normalised to a root-mean-square of 1.
+
+    For each row (the last axis are the genes): a gene with sensitivity ``s_j > 0``
+    gets ``m_j = c / max(s_j, floor * median)``, where ``median`` is the median of the
+    row's positive sensitivities (so no multiplier exceeds ``1 / floor`` times a
+    median gene's: insensitive genes do not explode); a gene with ``s_j = 0`` (no
+    measured effect on the outputs, e.g. a dead unit or an unused position) keeps
+    plain mutation, ``m_j = 1``. ``c`` makes the **root mean square of the
+    multipliers over the N genes exactly 1**, so a mutation with stdev ``sigma``
+    has the same expected squared length, ``N * sigma**2``, as plain Gaussian
+    mutation with that stdev: the user's ``sigma`` keeps its meaning; only its
+    distribution over the genes changes. A row without any positive sensitivity
+    gets all ones.
+
+    Args:
+        sensitivity: ``(..., N)`` non-negative, e.g. from :func:`output_sensitivity`.
+        floor: in ``(0, 1]``.
+    Returns:
+        ``(..., N)`` positive multipliers, same dtype and device.
+    """
+    if not isinstance(sensitivity, Tensor) or sensitivity.dim() < 1:
+        raise ValueError("sensitivity must be a tensor (..., N)")
+    if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 < floor <= 1):
+        raise ValueError(f"floor must be a number in (0, 1], got {floor!r}")
+    if bool((sensitivity < 0).any()) or bool(sensitivity.isnan().any()):
+        raise ValueError("sensitivity must be non-negative and not NaN")
+    s = sensitivity
+    positive = s > 0
+    pos = torch.where(positive, s, torch.full_like(s, math.nan))
+    median = pos.nanmedian(dim=-1, keepdim=True).values  # NaN for a row with no positive gene
+    raw = torch.where(positive, 1.0 / torch.maximum(s, floor * median), torch.zeros_like(s))
+    measured = positive.sum(dim=-1, keepdim=True)
+    mean_sq = raw.square().sum(dim=-1, keepdim=True) / measured.clamp(min=1)
+    scaled = raw * mean_sq.rsqrt()
+    return torch.where(positive, scaled, torch.ones_like(s))
+
+
+# ----------------------------------------------------------------------------
+# Inputs of any task
+# ----------------------------------------------------------------------------
+
+
+def sensitivity_inputs(task: Any, batch_size: int, generator: torch.Generator) -> Tensor:
+    """A batch of typical inputs of ``task`` (CPU), drawn with ``generator``.
+
+    Uses ``task.sensitivity_inputs(batch_size, generator)`` when the task has it
+    (episodic tasks such as cartpole: observation windows of short rollouts), else
+    the inputs of ``task.sample(batch_size, generator)`` (supervised tasks).
+    """
+    _positive_int("batch_size", batch_size)
+    own = getattr(task, "sensitivity_inputs", None)
+    if callable(own):
+        return own(batch_size, generator)
+    sample = getattr(task, "sample", None)
+    if callable(sample):
+        return sample(batch_size, generator)[0]
+    raise TypeError(
+        f"task {getattr(task, 'name', type(task).__name__)!r} has neither "
+        "sensitivity_inputs(batch_size, generator) nor sample(batch_size, generator): "
+        "safe mutation needs a batch of its inputs"
+    )
+
+
+# ----------------------------------------------------------------------------
+# The refreshing scale
+# ----------------------------------------------------------------------------
+
+
+class SafeMutationScale:
+    """Safe-mutation stdev multipliers for a problem, refreshed every ``every`` generations.
+
+    Each refresh draws a batch of the task's inputs (:func:`sensitivity_inputs`),
+    measures :func:`output_sensitivity` and turns it into multipliers with
+    :func:`sensitivity_to_scale` (root mean square 1 over the genes). In between,
+    :meth:`scale` returns the cached multipliers, so the cost of a refresh is
+    spread over ``every`` generations.
+
+    By default the multipliers are one ``(N,)`` vector for the whole population:
+    the sensitivities of ``num_individuals`` randomly chosen rows of the values
+    passed in (the parents) are combined by root mean square,
+    ``s_j = sqrt(mean_p s_pj**2)``, then scaled. That is robust and cheap, and does
+    not go stale when children are cross-overs of their parents. With
+    ``per_individual=True`` every row gets its own multipliers ``(P, N)``, for row
+    ``i`` of the values of the last refresh; that fits ``every=1`` (or a scheme
+    where row ``i`` stays the same lineage), since a cached per-row scale belongs to
+    the population it was measured on.
+
+    Args:
+        problem: a :class:`~evotorch_mqa_moe.problem.TransformerProblem` (its
+            ``config``, ``task`` and chunking settings are used).
+        every: refresh interval in generations, ``>= 1``.
+        method: ``"rms"`` (default), ``"sum"`` (SM-G-SUM) or ``"abs"`` (SM-G-ABS);
+            see :func:`output_sensitivity`.
+        projections: random-sign backward passes per refresh (``"rms"``).
+        batch_size: input sequences (or observation windows) per refresh.
+        num_individuals: rows measured for the population-wide scale (all rows if
+            the population is smaller); ignored with ``per_individual=True``.
+        per_individual: ``(P, N)`` multipliers instead of ``(N,)``.
+        floor: see :func:`sensitivity_to_scale`.
+        seed: seeds the CPU generator that draws the input batches, the measured
+            rows and the random signs; ``None`` draws a seed from ``problem.generator``
+            (one number).
+
+    Attributes (plain tensors and numbers, saved by checkpoints):
+        generation: the generation the next :meth:`scale` call without one counts as.
+        last_refresh: generation of the last refresh (``-1``: none yet).
+        refreshes: how many refreshes so far.
+        multiplier: the cached ``(N,)`` or ``(P, N)`` multipliers (``None`` before the first).
+        generator: the CPU ``torch.Generator`` of the input batches, rows and signs.
+
+    Example, inside a GA generation (``mutation`` a
+    :class:`~evotorch_mqa_moe.operators.GaussianMutation` over the same problem)::
+
+        safe = SafeMutationScale(problem, every=10)
+        ...
+        children = crossover.make_children(parents_batch, num_children)
+        scale = safe.scale(parents_batch.values, generation)   # (N,); refreshed every 10
+        children = mutation.mutate_values(children, scale=scale)
+    """
+
+    def __init__(
+        self,
+        problem: Any,
+        *,
+        every: int = 10,
+        method: str = "rms",
+        projections: int = 4,
+        batch_size: int = 8,
+        num_individuals: int = 8,
+        per_individual: bool = False,
+        floor: float = 0.01,
+        seed: int | None = None,
+    ):
+        self.every = _positive_int("every", every)
+        self.method = _check_method(method)
+        self.projections = _positive_int("projections", projections)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.num_individuals = _positive_int("num_individuals", num_individuals)
+        if not isinstance(per_individual, bool):
+            raise ValueError(f"per_individual must be a bool, got {per_individual!r}")
+        self.per_individual = per_individual
+        if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 < floor <= 1):
+            raise ValueError(f"floor must be a number in (0, 1], got {floor!r}")
+        self.floor = float(floor)
+        for attr in ("config", "task"):
+            if getattr(problem, attr, None) is None:
+                raise TypeError(f"problem must be a TransformerProblem; it has no {attr!r}")
+        self.problem = problem
+        if seed is None:
+            gen = problem.generator
+            seed = int(torch.randint(0, 2**62, (), generator=gen, device=gen.device))
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.generation = 0
+        self.last_refresh = -1
+        self.refreshes = 0
+        self.multiplier: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return (f"SafeMutationScale(every={self.every}, method={self.method!r}, "
+                f"projections={self.projections}, batch_size={self.batch_size}, "
+                f"num_individuals={self.num_individuals}, "
+                f"per_individual={self.per_individual}, floor={self.floor})")
+
+    def due(self, generation: int) -> bool:
+        """Whether :meth:`scale` at ``generation`` refreshes: none cached yet, ``every``
+        generations since the last refresh, or a generation before it (a restart)."""
+        return (self.multiplier is None or generation >= self.last_refresh + self.every
+                or generation < self.last_refresh)
+
+    def scale(self, values: Tensor, generation: int | None = None) -> Tensor:
+        """The stdev multipliers for this generation, refreshed from ``values`` when due.
+
+        Args:
+            values: ``(P, N)`` the current population (the parents), on the problem's device.
+            generation: the generation number; ``None`` counts calls (0, 1, 2, ...).
+        Returns:
+            ``(N,)`` (default) or ``(P, N)`` (``per_individual``) positive multipliers
+            on ``values``' device: ``GaussianMutation.mutate_values(..., scale=...)``.
+        """
+        if generation is None:
+            generation = self.generation
+        elif isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+            raise ValueError(f"generation must be a non-negative integer, got {generation!r}")
+        values = torch.as_tensor(values)
+        if values.dim() != 2:
+            raise ValueError(f"values must be a (P, N) tensor, got shape {tuple(values.shape)}")
+        if self.due(generation):
+            self.refresh(values)
+            self.last_refresh = generation
+        elif self.per_individual and self.multiplier.shape[0] != values.shape[0]:
+            raise ValueError(
+                f"per-individual multipliers were measured on {self.multiplier.shape[0]} rows "
+                f"but values have {values.shape[0]}; refresh every generation (every=1)"
+            )
+        self.generation = generation + 1
+        return self.multiplier.to(values.device)
+
+    def refresh(self, values: Tensor) -> Tensor:
+        """Measure the sensitivities of ``values`` (P, N) now and cache the multipliers."""
+        problem = self.problem
+        values = torch.as_tensor(values).detach()
+        if type(values) is not Tensor:
+            values = values.as_subclass(Tensor)
+        P = values.shape[0]
+        if not self.per_individual and P > self.num_individuals:
+            rows = torch.randperm(P, generator=self.generator)[: self.num_individuals]
+            values = values.index_select(0, rows.to(values.device))
+        inputs = sensitivity_inputs(problem.task, self.batch_size, self.generator)
+        inputs = inputs.to(values.device)
+        sens = output_sensitivity(problem.config, values, inputs, method=self.method,
+                                  projections=self.projections, generator=self.generator,
+                                  chunk_size=None,
+                                  memory_budget=getattr(problem, "memory_budget", None))
+        if not self.per_individual:
+            sens = sens.square().mean(dim=0).sqrt()
+        self.multiplier = sensitivity_to_scale(sens, floor=self.floor)
+        self.refreshes += 1
+        logger.debug(f"safe mutation: refresh {self.refreshes} ({self.method}) on "
+                     f"{values.shape[0]} individuals x {self.batch_size} inputs")
+        return self.multiplier
