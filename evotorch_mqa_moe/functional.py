@@ -187,7 +187,8 @@ def _prepare_groups(groups, num_genes: int, device: torch.device) -> _GeneGroups
             f"`groups` must be an (N,) integer tensor of group ids, got {type(groups).__name__}"
         )
     cached = _PREPARED_GROUPS.get(groups)
-    if cached is not None and cached[0] == groups._version and cached[1] == device:
+    if (cached is not None and cached[0] == groups._version and cached[1] == device
+            and cached[2].ids.shape == (num_genes,)):
         return cached[2]
     if groups.dtype == torch.bool or groups.is_floating_point() or groups.is_complex():
         raise ValueError(f"`groups` must be an integer tensor, got dtype {groups.dtype}")

@@ -271,6 +271,13 @@ def test_group_cross_over_sees_in_place_changes_of_the_ids():
     assert not torch.all(c1 == c1[:, :1])
 
 
+def test_group_cross_over_checks_a_cached_groups_tensor_against_new_parents():
+    ids = torch.arange(10) % 2
+    uniform_cross_over(torch.zeros(2, 10), torch.ones(2, 10), groups=ids)
+    with pytest.raises(ValueError, match=r"shape \(12,\)"):
+        uniform_cross_over(torch.zeros(2, 12), torch.ones(2, 12), groups=ids)
+
+
 def test_group_cross_over_empty_genes():
     c1, c2 = uniform_cross_over(
         torch.zeros(3, 0), torch.zeros(3, 0), groups=torch.zeros(0, dtype=torch.int64)
