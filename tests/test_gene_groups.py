@@ -9,7 +9,7 @@ from evotorch_mqa_moe.config import TransformerConfig
 from evotorch_mqa_moe.genes import GENE_GROUP_LEVELS, gene_groups
 from evotorch_mqa_moe.model import MQAMoETransformer, num_parameters, parameter_layout
 from evotorch_mqa_moe.problem import TransformerProblem
-from problems import make_task
+from evotorch_mqa_moe.problems import make_task
 
 BASE = dict(vocab_size=7, embed_dim=12, num_layers=2, num_heads=4, num_kv_heads=1,
             expert_dim=5, num_experts=3, max_seq_len=6)

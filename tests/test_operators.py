@@ -8,7 +8,7 @@ from evotorch.algorithms import GeneticAlgorithm
 from evotorch_mqa_moe.ga import seed_genetic_algorithm
 from evotorch_mqa_moe.operators import GaussianMutation, UniformCrossOver
 from evotorch_mqa_moe.problem import TransformerProblem
-from problems import make_task
+from evotorch_mqa_moe.problems import make_task
 
 
 def sphere(x: torch.Tensor) -> torch.Tensor:
