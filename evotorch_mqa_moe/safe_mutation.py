@@ -388,6 +388,11 @@ class SafeMutationScale:
         generation: the generation the next :meth:`scale` call without one counts as.
         last_refresh: generation of the last refresh (``-1``: none yet).
         refreshes: how many refreshes so far.
+        forward_equivalents: the cost of all refreshes so far in the searcher
+            protocol's unit (one forward of one individual on one task batch = 1, a
+            backward pass = 2): per refresh, measured individuals x
+            ``batch_size / task.batch_size`` (1 for tasks without one) x ``1 + 2R``
+            (``"rms"``), ``1 + 2O`` (``"sum"``) or ``O + 2TO`` (``"abs"``; T = 1 pooled).
         multiplier: the cached ``(N,)`` or ``(P, N)`` multipliers (``None`` before the first).
         generator: the CPU ``torch.Generator`` of the input batches, rows and signs.
 
@@ -409,7 +414,7 @@ class SafeMutationScale:
         method: str = "rms",
         projections: int = 4,
         batch_size: int = 8,
-        num_individuals: int = 8,
+        num_individuals: int = 4,
         per_individual: bool = False,
         floor: float = 0.01,
         seed: int | None = None,
@@ -438,6 +443,7 @@ class SafeMutationScale:
         self.generation = 0
         self.last_refresh = -1
         self.refreshes = 0
+        self.forward_equivalents = 0.0
         self.multiplier: Tensor | None = None
 
     def __repr__(self) -> str:
@@ -480,6 +486,16 @@ class SafeMutationScale:
         self.generation = generation + 1
         return self.multiplier.to(values.device)
 
+    def _cost(self, individuals: int, inputs: Tensor) -> float:
+        """Forward-equivalents of measuring ``individuals`` on ``inputs``."""
+        config = self.problem.config
+        O = config.output_dim
+        rows = 1 if config.pooling is not None else inputs.shape[1]  # T of the inputs
+        passes = {"rms": 1 + 2 * self.projections, "sum": 1 + 2 * O,
+                  "abs": O + 2 * rows * O}[self.method]
+        task_batch = getattr(self.problem.task, "batch_size", None) or self.batch_size
+        return individuals * self.batch_size / task_batch * passes
+
     def refresh(self, values: Tensor) -> Tensor:
         """Measure the sensitivities of ``values`` (P, N) now and cache the multipliers."""
         problem = self.problem
@@ -500,6 +516,7 @@ class SafeMutationScale:
             sens = sens.square().mean(dim=0).sqrt()
         self.multiplier = sensitivity_to_scale(sens, floor=self.floor)
         self.refreshes += 1
+        self.forward_equivalents += self._cost(values.shape[0], inputs)
         logger.debug(f"safe mutation: refresh {self.refreshes} ({self.method}) on "
                      f"{values.shape[0]} individuals x {self.batch_size} inputs")
         return self.multiplier

@@ -310,6 +310,8 @@ def test_refresh_happens_exactly_every_k_generations():
         assert m.shape == (values.shape[1],) and (m > 0).all()
     assert refreshed == [True, False, False, True, False, False, True, False, False, True]
     assert safe.refreshes == 4 and safe.last_refresh == 9 and safe.generation == 10
+    # 2 individuals x (2 inputs / task batch 8) x (1 forward + 4 projections x 2) per refresh
+    assert safe.forward_equivalents == pytest.approx(4 * 2 * 2 / 8 * 9)
     # explicit generation numbers: due after `every`, and again after a restart
     assert not safe.due(11) and safe.due(12) and safe.due(5)
     safe.scale(values, 12)
@@ -371,6 +373,7 @@ def test_state_is_checkpointable_and_resumes_exactly(tmp_path):
     twin = SafeMutationScale(small_problem(), every=2, seed=99, num_individuals=3, batch_size=2)
     restore(twin, state)
     assert (twin.generation, twin.last_refresh, twin.refreshes) == (3, 2, 2)
+    assert twin.forward_equivalents == safe.forward_equivalents > 0
     for _ in range(4):
         torch.testing.assert_close(twin.scale(values), safe.scale(values), rtol=0, atol=0)
     assert twin.refreshes == safe.refreshes == 4
