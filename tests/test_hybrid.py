@@ -2,6 +2,7 @@
 
 import io
 import itertools
+import math
 
 import pytest
 import torch
@@ -9,8 +10,12 @@ from torch.nn.utils import parameters_to_vector
 
 from evotorch_mqa_moe import MQAMoETransformer, TransformerConfig
 from evotorch_mqa_moe.hybrid import (
+    SEARCH_SPACES,
     PopulationAdam,
     PopulationSGD,
+    build_baldwin,
+    build_lamarck,
+    build_pbt,
     gradient_chunk_size,
     population_loss_and_grad,
 )
@@ -54,12 +59,11 @@ def module_loss_and_grad(config, row, inputs, targets):
 @pytest.mark.parametrize("top_k,causal,kv_heads", itertools.product([None, 2], [False, True],
                                                                     [1, 2]))
 @pytest.mark.parametrize("per_individual", [False, True])
-@pytest.mark.parametrize("chunk_size", [None, 2])
 def test_population_gradient_rows_equal_single_module_autograd(top_k, causal, kv_heads,
-                                                               per_individual, chunk_size):
+                                                               per_individual):
     c = small(top_k=top_k, causal=causal, num_kv_heads=kv_heads,
               activation="gelu" if causal else "relu")
-    P, B, T = 5, 3, 9
+    P, B, T = 4, 3, 9
     params = init_parameters(c, P, generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)
     shape = (P, B, T) if per_individual else (B, T)
@@ -68,15 +72,18 @@ def test_population_gradient_rows_equal_single_module_autograd(top_k, causal, kv
     targets[..., 0] = -100  # an unscored position
     before = params.clone()
     loss, grad = population_loss_and_grad(c, params, inputs, targets, loss=masked_cross_entropy,
-                                          chunk_size=chunk_size)
+                                          chunk_size=P)
+    loss_chunked, grad_chunked = population_loss_and_grad(
+        c, params, inputs, targets, loss=masked_cross_entropy, chunk_size=3)
     assert torch.equal(params, before)  # the population is not modified
     assert loss.shape == (P,) and grad.shape == params.shape
     assert not grad.requires_grad
     for i in range(P):
         x, y = (inputs[i], targets[i]) if per_individual else (inputs, targets)
         ref_loss, ref_grad = module_loss_and_grad(c, params[i], x, y)
-        assert torch.allclose(loss[i], ref_loss, atol=TOL)
-        assert torch.allclose(grad[i], ref_grad, atol=TOL, rtol=1e-4)
+        for lo, gr in ((loss, grad), (loss_chunked, grad_chunked)):
+            assert torch.allclose(lo[i], ref_loss, atol=TOL)
+            assert torch.allclose(gr[i], ref_grad, atol=TOL, rtol=1e-4)
 
 
 def test_population_gradient_of_pooled_vector_model():
@@ -134,7 +141,7 @@ def test_cartpole_has_no_gradient():
     pytest.importorskip("gymnasium")
     problem = TransformerProblem(make_task("cartpole"), seed=0)
     values = problem.init_population(2)
-    with pytest.raises(ValueError, match="cartpole.*differentiable|differentiable.*cartpole"):
+    with pytest.raises(ValueError, match="needs a supervised task .* 'cartpole' is not one"):
         population_loss_and_grad(problem, values, torch.zeros(1, 8, 4), torch.zeros(1))
 
 
@@ -272,3 +279,189 @@ def test_parameters_to_vector_is_the_gradient_order():
     model = MQAMoETransformer(c)
     row = parameters_to_vector(model.parameters()).detach()
     assert row.shape[0] == init_parameters(c, 1).shape[1]
+
+
+# ----------------------------------------------------------------------------- searchers
+
+BUILDERS = {"lamarck": build_lamarck, "baldwin": build_baldwin, "pbt": build_pbt}
+
+
+def tiny_problem(seed=0, task="reverse"):
+    t = make_task(task)
+    config = t.default_config().replace(embed_dim=8, num_heads=2, expert_dim=8)
+    return TransformerProblem(t, config, seed=seed)
+
+
+def build(name, seed=0, **options):
+    options = {"popsize": 6, "stdev": 0.05, **options}
+    if name == "pbt":
+        options.setdefault("interval", 2)
+    return BUILDERS[name](tiny_problem(seed), **options)
+
+
+def roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_searcher_protocol_and_exact_resume(name):
+    searcher = build(name)
+    assert searcher.evaluations == 0
+    costs = []
+    for step in (1, 2):
+        before = searcher.evaluations
+        searcher.step()
+        costs.append(searcher.evaluations - before)
+        status = searcher.status
+        assert status["iter"] == step
+        assert status["best_eval"] >= status["pop_best_eval"] >= status["mean_eval"]
+    P = 6
+    if name == "pbt":  # 3 per gradient step; the exploit round after step 2 adds a forward each
+        assert costs == [3 * P, 4 * P]
+    else:  # k=1: one gradient step and one evaluation per individual per generation
+        assert costs == [4 * P, 4 * P]
+    assert searcher.current_solution().shape == (searcher.problem.solution_length,)
+    state = roundtrip(searcher.state_dict())
+    rebuilt = build(name, seed=1)  # another seed: everything must come from the state
+    rebuilt.step()
+    rebuilt.load_state_dict(state)
+    assert rebuilt.evaluations == searcher.evaluations
+    for _ in range(3):
+        searcher.step()
+        rebuilt.step()
+        assert torch.equal(searcher.current_solution(), rebuilt.current_solution())
+        assert searcher.status["best_eval"] == rebuilt.status["best_eval"]
+        assert searcher.status["pop_best_eval"] == rebuilt.status["pop_best_eval"]
+    assert searcher.evaluations == rebuilt.evaluations
+    other = build("pbt" if name != "pbt" else "lamarck")
+    with pytest.raises(ValueError, match="state_dict"):
+        other.load_state_dict(state)
+
+
+def test_baldwin_leaves_the_genome_unchanged_and_lamarck_writes_learning_back():
+    baldwin, lamarck = build("baldwin", k=2), build("lamarck", k=2)
+    init = tiny_problem().init_population(6)  # the same seed draws the same initial population
+    baldwin.step()
+    lamarck.step()
+    # same genomes, same data, same optimiser: both learnt the same networks
+    assert torch.equal(baldwin.phenotypes, lamarck.phenotypes)
+    assert not torch.allclose(baldwin.phenotypes, init)
+    assert torch.equal(baldwin.genomes, init)  # Baldwin: genome as born
+    assert torch.equal(lamarck.genomes, lamarck.phenotypes)  # Lamarck: genome = trained
+    assert torch.equal(baldwin.current_solution(),
+                       baldwin.phenotypes[baldwin._fitness.argmax()])
+    # next generation: the elites' genomes are carried over exactly as they were
+    elites = 2
+    order = torch.argsort(baldwin._fitness, descending=True, stable=True)[:elites]
+    old_genomes = baldwin.genomes.clone()
+    baldwin.step()
+    assert torch.equal(baldwin.genomes[:elites], old_genomes[order])
+    order = torch.argsort(lamarck._fitness, descending=True, stable=True)[:elites]
+    old_trained = lamarck.genomes.clone()
+    lamarck.step()
+    assert not torch.equal(lamarck.genomes[:elites], old_trained[order])  # they learnt more
+    assert torch.equal(lamarck.genomes, lamarck.phenotypes)
+
+
+def test_lamarck_genome_is_the_manually_trained_network():
+    from evotorch_mqa_moe.hybrid import train_population
+    lamarck = build("lamarck", k=3, lr=1e-2)
+    lamarck.step()
+    problem = tiny_problem()
+    values = problem.init_population(6)
+    opt = PopulationAdam(6, lr=1e-2, betas=(0.9, 0.999))
+    train_population(problem, values, opt, 3)
+    assert torch.equal(lamarck.genomes, values)
+
+
+def test_pbt_exploit_copies_weights_state_and_hyperparameters():
+    pbt = build("pbt", popsize=8, interval=100, exploit_fraction=0.25)
+    for _ in range(3):
+        pbt.step()
+    opt = pbt.optimizer
+    weights, lr, beta1 = pbt.weights.clone(), opt.lr.clone(), opt.beta1.clone()
+    exp_avg, steps = opt.exp_avg.clone(), opt.steps.clone()
+    scores = torch.tensor([0.5, -3.0, 2.0, 1.0, -1.0, 0.0, 3.0, -2.0])
+    pbt._exploit_and_explore(scores)
+    top, bottom = [6, 2], [7, 1]
+    for i in range(8):
+        if i in bottom:
+            src = [j for j in top if torch.equal(pbt.weights[i], weights[j])]
+            assert len(src) == 1, "a replaced member holds exactly a winner's weights"
+            j = src[0]
+            assert torch.equal(opt.exp_avg[i], exp_avg[j]) and opt.steps[i] == steps[j]
+            ratio = float(opt.lr[i] / lr[j])
+            assert math.isclose(ratio, 0.8) or math.isclose(ratio, 1.25)
+            ratio = float((1 - opt.beta1[i]) / (1 - beta1[j]))
+            assert math.isclose(ratio, 0.8) or math.isclose(ratio, 1.25)
+            assert pbt.scores[i] == scores[j]
+        else:
+            assert torch.equal(pbt.weights[i], weights[i])
+            assert opt.lr[i] == lr[i] and opt.beta1[i] == beta1[i]
+            assert torch.equal(opt.exp_avg[i], exp_avg[i])
+
+
+def test_pbt_crossover_mixes_two_winners():
+    pbt = build("pbt", popsize=8, interval=100, exploit_fraction=0.5, crossover=True)
+    pbt.step()
+    weights = pbt.weights.clone()
+    scores = torch.arange(8.0)
+    pbt._exploit_and_explore(scores)
+    top = [7, 6, 5, 4]
+    for i in range(4):  # the worst half: every gene comes from one of the winners
+        from_top = torch.stack([pbt.weights[i] == weights[j] for j in top]).any(0)
+        assert from_top.all()
+        assert not any(torch.equal(pbt.weights[i], weights[j]) for j in top)
+
+
+def test_pbt_spreads_the_initial_learning_rates():
+    pbt = build("pbt", popsize=64, lr=1e-2, lr_spread=10.0, beta1_range=(0.6, 0.9))
+    lr, beta1 = pbt.optimizer.lr, pbt.optimizer.beta1
+    assert lr.min() >= 1e-3 and lr.max() <= 1e-1 and lr.max() / lr.min() > 10
+    assert beta1.min() >= 0.6 and beta1.max() <= 0.9
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("lamarck", {"k": 0}, "k must be an integer >= 1, got 0"),
+    ("baldwin", {"k": 1.5}, "k must be an integer >= 1, got 1.5"),
+    ("lamarck", {"lr": 0.0}, "lr must be a positive number, got 0.0"),
+    ("baldwin", {"lr": -1e-3}, "lr must be a positive number, got -0.001"),
+    ("lamarck", {"truncation_fraction": 1.0}, r"truncation_fraction must be in \(0, 1\), got 1.0"),
+    ("baldwin", {"truncation_fraction": 0}, r"truncation_fraction must be in \(0, 1\), got 0"),
+    ("lamarck", {"mutation_probability": 1.5}, "mutation_probability must be .*got 1.5"),
+    ("lamarck", {"num_elites": 6}, "num_elites must be < popsize=6, got 6"),
+    ("lamarck", {"optimizer": "rmsprop"}, "optimizer must be one of .*'rmsprop'"),
+    ("lamarck", {"stdev": 0.0}, "stdev must be a positive number, got 0.0"),
+    ("pbt", {"lr": 0}, "lr must be a positive number, got 0"),
+    ("pbt", {"interval": 0}, "interval must be an integer >= 1, got 0"),
+    ("pbt", {"exploit_fraction": 0.0}, r"exploit_fraction must be in \(0, 1\), got 0.0"),
+    ("pbt", {"exploit_fraction": 0.75}, "exploit_fraction must be <= 0.5.*got 0.75"),
+    ("pbt", {"lr_spread": 0.5}, "lr_spread must be >= 1, got 0.5"),
+    ("pbt", {"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+])
+def test_bad_options_raise_naming_the_value(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        build(name, **options)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_gradient_searchers_refuse_cartpole(name):
+    pytest.importorskip("gymnasium")
+    problem = TransformerProblem(make_task("cartpole"), seed=0)
+    with pytest.raises(ValueError, match=rf"^{name} needs a supervised task \(sample \+ loss\) "
+                                         r"for its gradients; 'cartpole' is not one$"):
+        BUILDERS[name](problem, popsize=4, stdev=0.05)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_search_space_entries_are_builder_options(name):
+    space = SEARCH_SPACES[name]
+    assert {"popsize", "lr"} <= set(space)
+    for key, entry in space.items():
+        assert entry[0] in ("log", "float", "int", "cat")
+        if entry[0] in ("log", "float", "int"):
+            for value in entry[1:3]:  # both ends are accepted
+                build(name, **{key: value})
