@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 POSITIONAL = ("learned", "sinusoidal", "both", "none")
 NORMS = ("pre", "post")
 POOLINGS = (None, "mean", "first", "last")
 ACTIVATIONS = ("gelu", "relu")
+
+MAX_SEQ_LEN = 16384
+"""Largest ``max_seq_len`` a config accepts. Attention here is dense: one float32
+score matrix of a single head and sequence takes ``T * T * 4`` bytes, 1 GiB at
+T = 16384 (half the default 2 GiB chunk budget on an accelerator), so longer
+sequences cannot run even one individual at a time within budget."""
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -37,7 +44,8 @@ class TransformerConfig:
         num_experts: experts ``E`` in every mixture-of-experts block.
         top_k: ``None`` = dense softmax gate over all experts (the seed's);
             ``k`` = the k largest gate logits, softmax renormalised over them.
-        max_seq_len: longest sequence accepted (and size of learned positions).
+        max_seq_len: longest sequence accepted (and size of learned positions);
+            at most :data:`MAX_SEQ_LEN` (16384).
         causal: mask attention so position t sees only positions <= t.
         output_dim: width of the output head; defaults to ``vocab_size``.
         positional: ``"learned"``, ``"sinusoidal"`` (no parameters), ``"both"``
@@ -50,7 +58,7 @@ class TransformerConfig:
         activation: expert nonlinearity, ``"relu"`` (default: a quarter of
             GELU's cost on the widest tensor, and it learned the example problems as
             well) or ``"gelu"``.
-        norm_eps: LayerNorm epsilon.
+        norm_eps: LayerNorm epsilon, a finite positive number.
     """
 
     vocab_size: int | None = None
@@ -81,6 +89,11 @@ class TransformerConfig:
         for name in ("embed_dim", "num_layers", "num_heads", "num_kv_heads", "expert_dim",
                      "num_experts", "max_seq_len"):
             _positive_int(name, getattr(self, name))
+        if self.max_seq_len > MAX_SEQ_LEN:
+            raise ValueError(
+                f"max_seq_len must be at most {MAX_SEQ_LEN} (dense attention needs T*T scores "
+                f"per head and sequence), got {self.max_seq_len!r}"
+            )
         for name in ("vocab_size", "input_dim", "output_dim", "top_k"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
@@ -107,8 +120,9 @@ class TransformerConfig:
                               ("pooling", POOLINGS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ValueError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        if (isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float))
+                or not math.isfinite(self.norm_eps) or self.norm_eps <= 0):
+            raise ValueError(f"norm_eps must be a finite positive number, got {self.norm_eps!r}")
 
     @property
     def head_dim(self) -> int:
