@@ -29,7 +29,8 @@ insensitive and then gets a huge mutation. On this model's per-position outputs
 that cancellation dominates: with the reverse task's default model, safe mutation
 by SM-G-SUM did not even make the output change per mutated parameter tensor more
 uniform than plain mutation (coefficient of variation over tensors 0.8-2.5 against
-1.2-1.4; tests/test_safe_mutation.py pins the statistic), while SM-G-ABS (0.18) and
+1.2-1.4; the statistic of tests/test_safe_mutation.py, docs/operators.md has the
+table), while SM-G-ABS (0.18) and
 ``"rms"`` (0.2-0.3 with 4 projections, 0.14 exact) did. SM-G-ABS needs each row's
 gradient separately (``T x O`` backward passes per chunk); ``"rms"`` gets the
 root-mean-square over rows with ``projections`` backward passes per chunk, whatever
