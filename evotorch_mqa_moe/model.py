@@ -473,6 +473,8 @@ class MQAMoETransformer(_Initialised):
 
     def forward(self, inputs: Tensor) -> Tensor:
         check_inputs(self.config, inputs, popsize=None)
+        if self.config.token_inputs:
+            inputs = _as_index(inputs)
         return transformer_forward(self.config, dict(self.named_parameters()), inputs)
 
 
@@ -526,8 +528,15 @@ def num_parameters(config: TransformerConfig) -> int:
     return sum(math.prod(shape) for _, shape in parameter_layout(config))
 
 
-def check_inputs(config: TransformerConfig, inputs: Tensor, popsize: int | None) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the problem if ``inputs`` do not fit."""
+def check_inputs(config: TransformerConfig, inputs: Tensor, popsize: int | None, *,
+                 token_range: bool = True) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the problem if ``inputs`` do not fit.
+
+    Shapes and dtypes are checked without touching the data. ``token_range``:
+    also check that token ids lie in ``[0, vocab_size)``, which reads one pair of
+    numbers back from the device (one host synchronisation): check once per batch,
+    not per chunk; :func:`population_forward` defers it to the end of its pass.
+    """
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
     base = 2 if config.token_inputs else 3
@@ -548,10 +557,8 @@ def check_inputs(config: TransformerConfig, inputs: Tensor, popsize: int | None)
     if config.token_inputs:
         if inputs.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"token inputs must be an integer tensor, got dtype {inputs.dtype}")
-        lo, hi = int(inputs.min()), int(inputs.max())
-        if lo < 0 or hi >= config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside [0, vocab_size={config.vocab_size})")
+        if token_range:
+            _raise_unless_in_vocab(config, _token_bounds(inputs))
     else:
         if not inputs.is_floating_point():
             raise TypeError(f"vector inputs must be floating point, got dtype {inputs.dtype}")
@@ -562,21 +569,92 @@ def check_inputs(config: TransformerConfig, inputs: Tensor, popsize: int | None)
             )
 
 
-def _bytes_per_individual(config: TransformerConfig, rows: int, element_size: int) -> int:
-    """Rough activation bytes one individual needs at once during the pass."""
+def _as_index(tokens: Tensor) -> Tensor:
+    """Token ids as int64/int32, the dtypes embedding lookups accept (uint8 would be a mask)."""
+    return tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long()
+
+
+def _token_bounds(inputs: Tensor) -> Tensor:
+    """(2,) int64 smallest and largest token id, left on ``inputs``' device (no read-back)."""
+    lo, hi = torch.aminmax(inputs)
+    return torch.stack([lo, hi]).long()
+
+
+def _raise_unless_in_vocab(config: TransformerConfig, bounds: Tensor) -> None:
+    """Read ``bounds`` (from :func:`_token_bounds`) back, once, and name a token id out of range."""
+    lo, hi = bounds.tolist()
+    if lo < 0 or hi >= config.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside [0, vocab_size={config.vocab_size})")
+
+
+def _seq_len_for(config: TransformerConfig, rows: int, seq_len: int | None) -> int:
+    """T for a memory estimate: the given one, else the worst case for ``rows`` token rows."""
+    if seq_len is None:
+        return max(1, min(rows, config.max_seq_len))  # B*T*T = rows*T grows with T
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer or None, got {seq_len!r}")
+    return seq_len
+
+
+def _bytes_per_individual(config: TransformerConfig, rows: int, element_size: int,
+                          seq_len: int | None = None) -> int:
+    """Peak activation bytes one individual adds to a chunk of the (no-grad) forward pass.
+
+    ``rows`` = B*T token rows, ``seq_len`` = T (``None``: the worst case,
+    ``min(rows, max_seq_len)``). Counts the tensors alive together at the widest
+    point of the pass, per individual (M = B*T rows):
+
+    * attention: residual ``x`` and its LayerNorm ``(M, D)`` each, the query and
+      fused key/value projections ``(M, (H + 2K) hd)``, the scores and their
+      softmax ``(B, H, T, T)`` each, the attended values ``(M, H hd)`` and the
+      output projection ``(M, D)`` (+ transposed copies of q, k, v when K > 1);
+    * mixture of experts: residual, LayerNorm, the input with a ones column and
+      the expert output ``(M, D)`` each (plus the gate-weighted biases ``(M, D)``),
+      gate logits and weights ``(M, E)``, the expert hidden units ``(M, E F)``
+      (twice for GELU, which is not applied in place);
+    * the head: residual, final LayerNorm ``(M, D)`` and the outputs ``(M, O)``.
+
+    The peak is the largest of the three; the chunk's outputs ``(M, O)``, kept
+    until the pass ends, are added. Checked against measured peak memory in
+    tests/test_memory.py.
+    """
     c = config
-    widest = max(
-        c.num_experts * c.expert_dim * 2,  # expert hidden units (pre and post activation)
-        (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim,
-        c.output_dim,
-    )
-    scores = c.num_heads * (rows // max(1, c.max_seq_len)) * c.max_seq_len  # attention scores
-    return (rows * (widest + 4 * c.embed_dim) + rows * scores // max(rows, 1)) * element_size
+    T = _seq_len_for(c, rows, seq_len)
+    B = max(1, -(-rows // T))
+    M, D, H, K, hd = rows, c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    E, Fd, O = c.num_experts, c.expert_dim, c.output_dim
+    scores = B * H * T * T
+    qkv = M * (H + 2 * K) * hd
+    attn = 3 * M * D + qkv + M * H * hd + 2 * scores + (qkv + M * H * hd if K > 1 else 0)
+    gates = M * E * (2 if c.top_k is None else 5)  # top-k: values, int64 indices, scatter
+    hidden = M * E * Fd * (2 if c.activation == "gelu" else 1)
+    moe = M * (5 * D + 2) + gates + hidden
+    head = M * (2 * D + O)
+    outputs = M * O
+    return (max(attn, moe, head) + outputs) * element_size
+
+
+def _fixed_bytes(config: TransformerConfig, seq_len: int, element_size: int) -> int:
+    """Bytes the pass keeps once, whatever the chunk: the cached (T*G, T) attention bias
+    and the (T, D) sinusoidal position table."""
+    G = config.num_heads // config.num_kv_heads
+    table = seq_len * config.embed_dim if config.positional in ("sinusoidal", "both") else 0
+    return (seq_len * G * seq_len + table) * element_size
 
 
 def default_chunk_size(config: TransformerConfig, rows: int, device: torch.device | str,
-                       dtype: torch.dtype = torch.float32, memory_budget: int | None = None) -> int:
+                       dtype: torch.dtype = torch.float32, memory_budget: int | None = None,
+                       *, seq_len: int | None = None) -> int:
     """How many individuals to run at once so activations stay within ``memory_budget`` bytes.
+
+    ``rows`` is B*T, the token rows each individual processes, and ``seq_len`` T
+    (``None``: the worst case for ``rows``, ``min(rows, max_seq_len)``; pass it,
+    as :func:`population_forward` does, since attention grows with B*T*T). The
+    estimate counts the real tensors of the pass (see ``_bytes_per_individual``);
+    the chunk is at least 1, even when one individual alone exceeds the budget.
+    The outputs of all chunks, ``P * B * T * O`` values (twice while they are
+    concatenated at the end), come on top of the budget.
 
     The default budget keeps a chunk's expert hidden tensor in a CPU's cache
     (measured in bench/forward.py: chunks of ~16 at config A beat one big batch)
@@ -586,8 +664,10 @@ def default_chunk_size(config: TransformerConfig, rows: int, device: torch.devic
         memory_budget = (2 << 30) if torch.device(device).type != "cpu" else (24 << 20)
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}")
-    per = _bytes_per_individual(config, rows, torch.empty(0, dtype=dtype).element_size())
-    return max(1, memory_budget // max(per, 1))
+    size = torch.empty(0, dtype=dtype).element_size()
+    T = _seq_len_for(config, rows, seq_len)
+    per = _bytes_per_individual(config, rows, size, T)
+    return max(1, (memory_budget - _fixed_bytes(config, T, size)) // max(per, 1))
 
 
 def _weight_views(config: TransformerConfig, params: Tensor) -> dict[str, Tensor]:
@@ -607,6 +687,7 @@ def population_forward(
     *,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """Evaluate a whole population of networks in one vectorised pass.
 
@@ -618,9 +699,16 @@ def population_forward(
             one batch per individual, (P, B, T) / (P, B, T, I).
         chunk_size: individuals per vectorised chunk; default from ``memory_budget``.
         memory_budget: activation bytes a chunk may use (see :func:`default_chunk_size`).
+        validate: check that token ids lie in ``[0, vocab_size)``; ``False`` when the
+            caller has already done so for this batch (:func:`check_inputs`), e.g.
+            when it runs one batch chunk by chunk. Shapes are always checked.
     Returns:
         (P, B, T, O), or (P, B, O) when the config pools. Row ``i`` equals
         ``MQAMoETransformer(config)`` loaded with ``params[i]`` applied to the inputs.
+
+    The pass reads nothing back from the device until all its work is queued: the
+    token range is reduced on the device, the ids are clamped for the pass, and
+    the one read-back comes at the end (a ``ValueError`` names a bad id).
     """
     if not isinstance(config, TransformerConfig):
         raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
@@ -635,9 +723,18 @@ def population_forward(
     P = params.shape[0]
     if P == 0:
         raise ValueError("params hold no individuals (P=0)")
-    check_inputs(config, inputs, popsize=P)
+    check_inputs(config, inputs, popsize=P, token_range=False)
     if inputs.device != params.device:
         raise ValueError(f"inputs are on {inputs.device} but params on {params.device}")
+    bounds = None
+    if config.token_inputs and validate:
+        # No read-back before the pass is queued: out-of-range ids would fail inside
+        # the embedding (a device-side assert on a GPU), so they are clamped for the
+        # pass and reported, by value, at its end.
+        bounds = _token_bounds(inputs)
+        inputs = _as_index(inputs).clamp(0, config.vocab_size - 1)
+    elif config.token_inputs:
+        inputs = _as_index(inputs)
     if type(params) is not Tensor:  # e.g. EvoTorch's ReadOnlyTensor: compute on plain tensors
         params = params.as_subclass(Tensor)
     if params.stride(-1) != 1:
@@ -648,7 +745,7 @@ def population_forward(
     if chunk_size is None:
         B, T = (inputs.shape[-2:] if config.token_inputs else inputs.shape[-3:-1])
         chunk_size = default_chunk_size(config, B * T, params.device, params.dtype,
-                                        memory_budget)
+                                        memory_budget, seq_len=T)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     outputs = []
@@ -657,6 +754,8 @@ def population_forward(
         chunk_inputs = inputs[start:stop] if per_individual else inputs
         outputs.append(transformer_forward(config, _weight_views(config, params[start:stop]),
                                            chunk_inputs))
+    if bounds is not None:
+        _raise_unless_in_vocab(config, bounds)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 

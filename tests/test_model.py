@@ -17,6 +17,7 @@ from evotorch_mqa_moe import (
     preset,
 )
 from evotorch_mqa_moe.model import (
+    check_inputs,
     default_chunk_size,
     gate_weights,
     init_parameters,
@@ -296,3 +297,53 @@ def test_expert_bias_row_is_a_view_of_the_flat_vector():
     module = MQAMoETransformer(c).layers[0].moe
     stacked = _stack_bias_row(module.in_weight.flatten(-2), module.in_bias.flatten(-2))
     assert torch.equal(stacked[-1], module.in_bias.flatten())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int8])
+def test_every_accepted_token_dtype_gives_the_int64_outputs(dtype):
+    c = small()
+    params = population(c, 2)
+    x = torch.randint(0, 7, (3, 9), generator=torch.Generator().manual_seed(0))
+    expected = population_forward(c, params, x)
+    assert torch.equal(population_forward(c, params, x.to(dtype)), expected)
+    module = MQAMoETransformer(c)
+    vector_to_parameters(params[0], module.parameters())
+    with torch.no_grad():
+        assert torch.allclose(module(x.to(dtype)), expected[0], atol=TOL)
+    with pytest.raises(ValueError, match="token id 7"):
+        population_forward(c, params, torch.full((2, 9), 7, dtype=dtype))
+
+
+# --------------------------------------------------------------------------- host reads
+
+HOST_READS = {"__int__", "__bool__", "__float__", "__index__", "item", "tolist", "numpy", "cpu"}
+
+
+class _Calls(torch.overrides.TorchFunctionMode):
+    """Records the name of every torch function and tensor method called."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_population_pass_reads_back_once_after_every_chunk_is_queued():
+    # On a GPU every read-back stalls the host until the device is done; the pass
+    # must queue all its work first (four chunks here) and read back once, at the end.
+    c = small()
+    params = population(c, 4)
+    x = torch.randint(0, 7, (3, 9))
+    with _Calls() as calls:
+        population_forward(c, params, x, chunk_size=1)
+    reads = [i for i, name in enumerate(calls.names) if name in HOST_READS]
+    gemms = [i for i, name in enumerate(calls.names) if name in ("baddbmm", "matmul", "bmm")]
+    assert len(reads) == 1 and reads[0] > gemms[-1], [calls.names[i] for i in reads]
+    # a caller that validated this batch already (check_inputs) reads nothing back
+    check_inputs(c, x, popsize=4)
+    with _Calls() as calls:
+        population_forward(c, params, x, chunk_size=1, validate=False)
+    assert not HOST_READS & set(calls.names)
