@@ -93,10 +93,7 @@ def _leaves(config: TransformerConfig, chunk: Tensor) -> dict[str, Tensor]:
     One leaf per parameter tensor rather than views of one (p, N) leaf: the backward of
     each view would otherwise scatter its gradient into a zero (p, N) buffer and add
     it up (two full passes over the chunk per parameter tensor; 35% of the whole
-    gradient's time at config A). Separate leaves also keep the expert input biases
-    apart from the expert weights, so the forward concatenates them instead of
-    reading them through an ``as_strided`` view of the weights, through which
-    autograd passes no gradient to the bias genes.
+    gradient's time at config A).
     """
     leaves, offset = {}, 0
     for name, shape in parameter_layout(config):

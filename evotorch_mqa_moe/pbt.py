@@ -105,7 +105,7 @@ class PopulationBasedTraining(HybridSearcher):
 
     def _exploit_and_explore(self, scores: Tensor) -> None:
         gen, P = self.problem.generator, self.popsize
-        count = max(1, round(self.exploit_fraction * P))
+        count = max(1, min(P // 2, round(self.exploit_fraction * P)))  # disjoint ends
         order = best_first(scores, maximize=True)
         top, bottom = order[:count], order[P - count:]
         pick = torch.randint(count, (count,), generator=gen, device=gen.device)
