@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 import torch
-from evotorch import SolutionBatch
+from evotorch import Solution, SolutionBatch
 from evotorch.neuroevolution import NEProblem
 from loguru import logger
 from torch import Tensor, nn
@@ -21,23 +22,39 @@ __all__ = ["TransformerProblem", "worst_for_nonfinite"]
 DATA_REFRESH = ("evaluation", "generation", "never")
 
 
+def _replace_nonfinite(fitness: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`worst_for_nonfinite` without reading anything back to the host.
+
+    Returns the new fitness and the number of replaced entries as a 0-d tensor
+    on ``fitness``'s device, so that a GPU evaluation is not stalled here.
+    """
+    finite = torch.isfinite(fitness)
+    bad = (~finite).sum()
+    inf = torch.tensor(float("inf"), device=fitness.device, dtype=fitness.dtype)
+    low = torch.where(finite, fitness, inf).amin()
+    high = torch.where(finite, fitness, -inf).amax()
+    worst = torch.where(torch.isfinite(low), low - (high - low) - 1.0, -1e30)
+    return torch.where(finite, fitness, worst), bad
+
+
 def worst_for_nonfinite(fitness: Tensor) -> tuple[Tensor, int]:
     """Replace NaN/inf fitness (maximised) by a finite value below every finite one.
 
-    The replacement is ``min - (max - min) - 1`` over the finite entries, so it
-    loses every comparison, keeps rank- and value-based searchers finite, and
-    leaves the other individuals untouched. Returns the new fitness and how
-    many entries were replaced.
+    The replacement is ``min - (max - min) - 1`` over the finite entries (``-1e30``
+    when none is finite), so it loses every comparison, keeps rank- and value-based
+    searchers finite, and leaves the other individuals untouched. Returns the new
+    fitness and how many entries were replaced.
     """
-    finite = torch.isfinite(fitness)
-    bad = int((~finite).sum())
-    if bad == 0:
-        return fitness, 0
-    if bad == fitness.numel():
-        return torch.full_like(fitness, -1e30), bad
-    good = fitness[finite]
-    worst = good.min() - (good.max() - good.min()) - 1.0
-    return torch.where(finite, fitness, worst), bad
+    fitness, bad = _replace_nonfinite(fitness)
+    return fitness, int(bad)
+
+
+def _mapelites_caller() -> Any:
+    """The EvoTorch ``MAPElites`` whose ``__init__`` called ``generate_batch``, else None."""
+    from evotorch.algorithms import MAPElites
+
+    caller = sys._getframe(2).f_locals.get("self")
+    return caller if isinstance(caller, MAPElites) else None
 
 
 class TransformerProblem(NEProblem):
@@ -63,9 +80,30 @@ class TransformerProblem(NEProblem):
         chunk_size, memory_budget: see :func:`~evotorch_mqa_moe.model.population_forward`.
         num_actors, num_gpus_per_actor, actor_config, num_subbatches, subbatch_size:
             EvoTorch's Ray parallelism; each actor evaluates its piece vectorised.
+            With the same ``seed``, a run with actors is the same search as one
+            without: starting the actors does not consume the problem's generator.
+
+    Raises:
+        ValueError: ``config`` cannot take the task's inputs or give its outputs:
+            compared with ``task.default_config()``, it has the other kind of input
+            (tokens / vectors), a smaller ``vocab_size``, another ``input_dim`` or a
+            smaller ``output_dim`` (the message names both numbers).
 
     Fitness is maximised. Individuals whose fitness is NaN/inf get a finite value
     worse than every finite one (one warning per evaluation says how many).
+
+    Every method that takes solutions (:meth:`metrics`, :meth:`population_model`,
+    ``make_net``) accepts an EvoTorch ``Solution`` (e.g. ``searcher.status["pop_best"]``
+    of a GA), a ``SolutionBatch`` (or a slice of one), a tensor ``(N,)`` / ``(P, N)``
+    (e.g. ``searcher.status["center"]``) or anything ``torch.as_tensor`` converts.
+
+    Data epochs: all individuals of one evaluation see the data of one epoch,
+    :attr:`data_epoch`; :meth:`data_generator` gives that epoch's generator and
+    :attr:`last_data_epoch` the epoch of the latest evaluation.
+
+    Behaviour descriptors: the problem evaluates fitness only (``eval_data_length``
+    0), so EvoTorch's ``MAPElites``, which sorts solutions into cells by extra
+    evaluation data, is refused with a ``ValueError`` when it is constructed.
     """
 
     def __init__(
@@ -87,10 +125,13 @@ class TransformerProblem(NEProblem):
         for attr in ("fitness", "metrics", "default_config"):
             if not callable(getattr(task, attr, None)):
                 raise TypeError(f"task must implement the Task protocol; it has no {attr}()")
+        reference = task.default_config()
         if config is None:
-            config = task.default_config()
+            config = reference
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+        if isinstance(reference, TransformerConfig):
+            _check_config_fits_task(config, reference, getattr(task, "name", type(task).__name__))
         if data_refresh not in DATA_REFRESH:
             raise ValueError(f"data_refresh must be one of {DATA_REFRESH}, got {data_refresh!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
@@ -107,8 +148,8 @@ class TransformerProblem(NEProblem):
         else:
             seed_bits = seed
         self._data_root = int(np.random.SeedSequence([seed_bits, 0xDA7A]).generate_state(1)[0])
-        self._data_epoch = 0
-        self._data_seed: int | None = None
+        self._data_epoch = 0  # kept under this name: older code sets it directly
+        self._eval_epoch: int | None = None  # the epoch of the evaluation in progress / last
         self.evaluations = 0  # solutions evaluated so far (counted in the main process)
         super().__init__(
             "max",
@@ -136,6 +177,33 @@ class TransformerProblem(NEProblem):
     def seed(self, seed: int | None = None) -> None:
         """Reseed the problem's generator (Ray actors call this; EvoTorch 0.6.1 lacks it)."""
         self.manual_seed(seed)
+
+    def _parallelize(self) -> None:
+        # EvoTorch draws the actors' seeds from the problem's generator when it starts
+        # them (at the first evaluation), which shifted every later draw (mutations,
+        # samples) against a run without actors. Restore the generator's state, so
+        # the same seed gives the same search with and without actors. (The actors'
+        # own generators serve nothing here: data come from data_generator.)
+        starting = self._actors is None and self.is_main and self.generator is not None
+        state = self.generator.get_state() if starting else None
+        super()._parallelize()
+        if state is not None:
+            self.generator.set_state(state)
+
+    def generate_batch(self, popsize: int | None = None, *, empty: bool = False,
+                       center: Any = None, stdev: Any = None,
+                       symmetric: bool = False) -> SolutionBatch:
+        """EvoTorch's ``generate_batch``; refuses ``MAPElites`` (see the class docstring)."""
+        mapelites = _mapelites_caller()
+        if mapelites is not None and self.eval_data_length < mapelites._feature_grid.shape[1]:
+            raise ValueError(
+                f"MAPElites needs {mapelites._feature_grid.shape[1]} behaviour descriptors per "
+                f"solution as evaluation data, but TransformerProblem evaluates fitness only "
+                f"(eval_data_length={self.eval_data_length}); use another searcher "
+                "(evotorch_mqa_moe.searchers lists the supported ones)"
+            )
+        return super().generate_batch(popsize, empty=empty, center=center, stdev=stdev,
+                                      symmetric=symmetric)
 
     def init_population(self, popsize: int) -> Tensor:
         """(popsize, N) freshly initialised networks, drawn with the problem's generator."""
@@ -170,19 +238,76 @@ class TransformerProblem(NEProblem):
             cache[level] = gene_groups(self.config, level, device=self.device)  # validates
         return cache[level]
 
-    def population_model(self, values: Tensor) -> PopulationModel:
-        """The callable a task receives: ``values`` (P, N) as one population."""
-        values = torch.as_tensor(values)
-        if values.dim() == 1:
+    def _as_values(self, solutions: Any) -> tuple[Tensor, bool]:
+        """``solutions`` as a plain ``(P, N)`` tensor, and whether it was one solution.
+
+        Accepts a ``Solution``, a ``SolutionBatch`` (or a slice of one), a tensor
+        ``(N,)`` or ``(P, N)``, or anything ``torch.as_tensor`` converts.
+        """
+        if isinstance(solutions, (Solution, SolutionBatch)):
+            values = solutions.values
+        elif isinstance(solutions, Tensor):
+            values = solutions
+        else:
+            try:
+                values = torch.as_tensor(solutions)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(
+                    "solutions must be a Solution, a SolutionBatch or a tensor (N,) / (P, N), "
+                    f"got {type(solutions).__name__}"
+                ) from err
+        values = values.as_subclass(Tensor)  # e.g. EvoTorch's ReadOnlyTensor
+        single = values.dim() == 1
+        if single:
             values = values.unsqueeze(0)
+        if values.dim() != 2:
+            raise ValueError(f"solutions must be (N,) or (P, N), got shape {tuple(values.shape)}")
         if values.shape[-1] != num_parameters(self.config):
             raise ValueError(
                 f"solutions have length {values.shape[-1]}, expected {self.solution_length}"
             )
+        if not values.is_floating_point():
+            raise TypeError(f"solutions must be floating point, got dtype {values.dtype}")
+        return values, single
+
+    def population_model(self, solutions: Any) -> PopulationModel:
+        """The callable a task receives: ``solutions`` (P, N) as one population.
+
+        ``solutions``: a ``Solution``, ``SolutionBatch``, tensor ``(N,)`` / ``(P, N)``
+        (see the class docstring); one solution is a population of one.
+        """
+        values, _ = self._as_values(solutions)
         return PopulationModel(self.config, values.to(self.network_device),
                                chunk_size=self.chunk_size, memory_budget=self.memory_budget)
 
     # ------------------------------------------------------------ data stream
+    @property
+    def data_epoch(self) -> int:
+        """The data epoch the next evaluation draws its data from (a non-negative int).
+
+        Advanced by every evaluation (``data_refresh="evaluation"``) or by
+        :meth:`next_generation`; set it to replay or resume a data stream (a
+        checkpoint stores it). ``problem._data_epoch`` is the same number (deprecated).
+        """
+        return self._data_epoch
+
+    @data_epoch.setter
+    def data_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"data_epoch must be a non-negative integer, got {epoch!r}")
+        self._data_epoch = int(epoch)
+
+    @property
+    def last_data_epoch(self) -> int | None:
+        """The data epoch of the latest evaluation (``None`` before the first).
+
+        ``data_generator(problem.last_data_epoch)`` redraws the data that
+        evaluation saw (with ``data_refresh="never"`` every evaluation uses epoch 0).
+        """
+        if self._eval_epoch is None:
+            return None
+        return 0 if self.data_refresh == "never" else self._eval_epoch
+
     def next_generation(self) -> None:
         """Start a new data epoch (with ``data_refresh="generation"``)."""
         self._data_epoch += 1
@@ -203,20 +328,20 @@ class TransformerProblem(NEProblem):
             self.evaluations += len(x) if isinstance(x, SolutionBatch) else 1
             # Decided once here, sent to Ray actors by _make_sync_data_for_actors,
             # so every piece of the batch sees the same data.
-            self._data_seed = self._data_epoch
+            self._eval_epoch = self._data_epoch
             if self.data_refresh == "evaluation":
                 self._data_epoch += 1
         super().evaluate(x)
 
     def _make_sync_data_for_actors(self) -> Any:
-        return {"data_seed": self._data_seed}
+        return {"eval_epoch": self._eval_epoch}
 
     def _use_sync_data_from_main(self, received: dict) -> None:
-        self._data_seed = received["data_seed"]
+        self._eval_epoch = received["eval_epoch"]
 
     # ------------------------------------------------------------ evaluation
     def _evaluate_batch(self, batch: SolutionBatch) -> None:
-        epoch = 0 if self.data_refresh == "never" else self._data_seed
+        epoch = 0 if self.data_refresh == "never" else self._eval_epoch
         fitness = self.task.fitness(self.population_model(batch.values),
                                     self.data_generator(epoch or 0))
         fitness = torch.as_tensor(fitness, dtype=self.eval_dtype).reshape(-1)
@@ -225,15 +350,49 @@ class TransformerProblem(NEProblem):
                 f"task {self.task.name!r} returned {fitness.shape[0]} fitness values "
                 f"for {len(batch)} solutions"
             )
-        fitness, bad = worst_for_nonfinite(fitness)
+        fitness, bad = _replace_nonfinite(fitness)
+        batch.set_evals(fitness.to(batch.device))
+        bad = int(bad)  # the one read-back of an evaluation, after its whole pass
         if bad:
             logger.warning(f"{bad} of {len(batch)} individuals had NaN/inf fitness; "
                            "they were given the worst fitness")
-        batch.set_evals(fitness.to(batch.device))
 
-    def metrics(self, values: Tensor) -> dict[str, float | list[float]]:
-        """Held-out metrics of one solution (N,) as floats, or of several (P, N) as lists."""
-        values = torch.as_tensor(values)
-        single = values.dim() == 1
+    def metrics(self, solutions: Any) -> dict[str, float | list[float]]:
+        """Held-out metrics (``task.metrics``) of one solution as floats, or of several as lists.
+
+        ``solutions``: one ``Solution`` or tensor ``(N,)`` -> ``{name: float}``; a
+        ``SolutionBatch`` or tensor ``(P, N)`` -> ``{name: [P floats]}``.
+        """
+        values, single = self._as_values(solutions)
         result = self.task.metrics(self.population_model(values))
         return {k: (float(v[0]) if single else [float(x) for x in v]) for k, v in result.items()}
+
+
+def _check_config_fits_task(config: TransformerConfig, reference: TransformerConfig,
+                            task_name: str) -> None:
+    """Refuse a ``config`` that cannot take the inputs or give the outputs the task's own
+    ``default_config()`` (``reference``) is sized for, instead of failing at the first
+    evaluation."""
+    where = f"task {task_name!r} (its default_config)"
+    if config.token_inputs != reference.token_inputs:
+        kind = "tokens" if reference.token_inputs else "vectors"
+        raise ValueError(
+            f"{where} takes {kind} (vocab_size={reference.vocab_size}, "
+            f"input_dim={reference.input_dim}), but the config has "
+            f"vocab_size={config.vocab_size}, input_dim={config.input_dim}"
+        )
+    if config.token_inputs and config.vocab_size < reference.vocab_size:
+        raise ValueError(
+            f"config vocab_size={config.vocab_size} is smaller than the vocab_size="
+            f"{reference.vocab_size} of {where}: its token ids would be out of range"
+        )
+    if not config.token_inputs and config.input_dim != reference.input_dim:
+        raise ValueError(
+            f"config input_dim={config.input_dim} differs from the input_dim="
+            f"{reference.input_dim} of {where}"
+        )
+    if config.output_dim < reference.output_dim:
+        raise ValueError(
+            f"config output_dim={config.output_dim} is smaller than the output_dim="
+            f"{reference.output_dim} of {where}"
+        )

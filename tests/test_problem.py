@@ -49,7 +49,7 @@ def test_make_net_is_exactly_the_evaluated_individual(problem):
 def test_evaluation_matches_one_network_at_a_time(problem):
     batch = problem.generate_batch(4)
     problem.evaluate(batch)
-    gen = problem.data_generator(problem._data_seed)
+    gen = problem.data_generator(problem.last_data_epoch)
     inputs, targets = problem.task.sample(problem.task.batch_size, gen)
     for i in range(4):
         net = problem.make_net(batch[i].values)
@@ -214,3 +214,157 @@ def test_stock_genetic_algorithm_with_our_operators():
         ga.step()
         best.append(float(ga.status["pop_best_eval"]))
     assert all(math.isfinite(b) for b in best)
+
+
+# --------------------------------------------------------------------------- config vs task
+
+
+def test_config_that_cannot_serve_the_task_is_refused_naming_both_numbers():
+    reverse = make_task("reverse")  # tokens 0..7
+    small_vocab = reverse.default_config().replace(vocab_size=5)
+    with pytest.raises(ValueError, match=r"vocab_size=5 is smaller than the vocab_size=8"):
+        TransformerProblem(reverse, small_vocab)
+    addition = make_task("addition")  # 13 input tokens, 10 output classes
+    with pytest.raises(ValueError, match=r"output_dim=9 is smaller than the output_dim=10"):
+        TransformerProblem(addition, addition.default_config().replace(output_dim=9))
+    cartpole = make_task("cartpole")  # observation vectors
+    with pytest.raises(ValueError, match=r"takes vectors"):
+        TransformerProblem(cartpole, reverse.default_config())
+    width = cartpole.default_config().input_dim
+    with pytest.raises(ValueError, match=rf"input_dim={width + 1} differs from .*={width}"):
+        TransformerProblem(cartpole, cartpole.default_config().replace(input_dim=width + 1))
+    # a larger vocabulary (or head) than the task needs is fine
+    TransformerProblem(reverse, reverse.default_config().replace(vocab_size=11))
+
+
+# --------------------------------------------------------------------------- EvoTorch interplay
+
+
+def test_metrics_and_population_model_take_solutions_batches_and_tensors(problem):
+    batch = problem.generate_batch(3)
+    values = batch.values.as_subclass(torch.Tensor).clone()
+    key = problem.task.target_metric
+    many = problem.metrics(values)[key]
+    assert problem.metrics(batch)[key] == many
+    assert problem.metrics(batch[1:3])[key] == many[1:3]
+    assert problem.metrics(batch[1])[key] == many[1]  # a Solution
+    assert problem.metrics(values[2].tolist())[key] == many[2]
+    assert problem.population_model(batch[0]).popsize == 1
+    assert torch.equal(problem.population_model(batch).params, values)
+    with pytest.raises(TypeError, match="Solution"):
+        problem.metrics("best")
+    with pytest.raises(ValueError, match=r"\(N,\) or \(P, N\)"):
+        problem.metrics(values.unsqueeze(0))
+
+
+@pytest.mark.parametrize("algorithm", ["GeneticAlgorithm", "Cosyne"])
+def test_metrics_of_a_searchers_pop_best(algorithm):
+    import evotorch.algorithms as algorithms
+    from evotorch.operators import GaussianMutation as EvoGaussianMutation
+
+    p = tiny_problem(seed=5)
+    if algorithm == "Cosyne":
+        searcher = algorithms.Cosyne(p, popsize=6, tournament_size=2, mutation_stdev=0.05)
+    else:
+        searcher = algorithms.GeneticAlgorithm(p, popsize=6,
+                                               operators=[EvoGaussianMutation(p, stdev=0.05)])
+    searcher.step()
+    best = searcher.status["pop_best"]
+    metrics = p.metrics(best)
+    assert isinstance(metrics[p.task.target_metric], float)
+    assert metrics == p.metrics(best.values.as_subclass(torch.Tensor).clone())
+
+
+def test_data_epoch_is_a_public_property():
+    p = tiny_problem(seed=6)
+    assert p.data_epoch == 0 and p.last_data_epoch is None
+    p.data_epoch = 5
+    assert p._data_epoch == 5  # the old name stays in step (deprecated)
+    batch = p.generate_batch(3)
+    p.evaluate(batch)
+    assert p.last_data_epoch == 5 and p.data_epoch == 6
+    inputs, targets = p.task.sample(p.task.batch_size, p.data_generator(5))
+    with torch.no_grad():
+        expected = -p.task.loss(p.population_model(batch)(inputs), targets)
+    assert torch.allclose(batch.evals[:, 0], expected, atol=1e-6)
+    p._data_epoch = 9  # code that still sets the old attribute
+    assert p.data_epoch == 9
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="data_epoch"):
+            p.data_epoch = bad
+    p.data_refresh = "never"
+    p.evaluate(batch)
+    assert p.last_data_epoch == 0
+
+
+class ConstantFitnessTask:
+    """Fitness = mean output, computed without reading anything back to the host."""
+
+    name, target_metric = "constant", "mean"
+
+    def default_config(self):
+        return make_task("reverse").default_config().replace(embed_dim=8, num_heads=2,
+                                                             expert_dim=8)
+
+    def fitness(self, model, generator):
+        inputs = torch.randint(0, 8, (4, 8), generator=generator)
+        return model(inputs.to(model.device)).mean(dim=(1, 2, 3))
+
+    def metrics(self, model):
+        return {"mean": self.fitness(model, torch.Generator().manual_seed(0))}
+
+
+def test_an_evaluation_reads_back_only_after_its_pass():
+    # Two read-backs, both after the pass is queued: the token range (model) and the
+    # count of non-finite fitness values (for the warning); none per chunk.
+    from test_model import HOST_READS, _Calls
+
+    p = TransformerProblem(ConstantFitnessTask(), seed=0, chunk_size=1)
+    batch = p.generate_batch(4)
+    p.evaluate(batch)  # the first evaluation prepares the problem
+    with _Calls() as calls:
+        p._evaluate_batch(batch)
+    reads = [i for i, name in enumerate(calls.names) if name in HOST_READS]
+    gemms = [i for i, name in enumerate(calls.names) if name in ("baddbmm", "matmul", "bmm")]
+    assert len(reads) == 2 and reads[0] > gemms[-1], [calls.names[i] for i in reads]
+
+
+def test_mapelites_is_refused_with_a_clear_error(problem):
+    from evotorch.algorithms import MAPElites
+    from evotorch.operators import GaussianMutation as EvoGaussianMutation
+
+    grid = MAPElites.make_feature_grid(torch.zeros(2), torch.ones(2), num_bins=2)
+    with pytest.raises(ValueError, match=r"MAPElites needs 2 behaviour descriptors.*"
+                                         r"eval_data_length=0"):
+        MAPElites(problem, operators=[EvoGaussianMutation(problem, stdev=0.1)],
+                  feature_grid=grid)
+    problem.generate_batch(2)  # other callers are unaffected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["GeneticAlgorithm", "PGPE"])
+def test_same_seed_same_search_with_and_without_ray_actors(algorithm):
+    # EvoTorch draws the actors' seeds from the problem's generator; that draw
+    # shifted every later mutation / sample against a run without actors.
+    from evotorch.algorithms import PGPE, GeneticAlgorithm
+    from evotorch.operators import GaussianMutation as EvoGaussianMutation
+
+    def search(num_actors):
+        p = tiny_problem(seed=11, num_actors=num_actors)
+        try:
+            if algorithm == "PGPE":
+                s = PGPE(p, popsize=8, center_learning_rate=0.1, stdev_learning_rate=0.1,
+                         stdev_init=0.05, center_init=p.init_center())
+            else:
+                s = GeneticAlgorithm(p, popsize=8,
+                                     operators=[EvoGaussianMutation(p, stdev=0.05)])
+            for _ in range(3):
+                s.step()
+            return s.population.values.clone(), s.population.evals.clone()
+        finally:
+            if num_actors:
+                p.kill_actors()
+
+    local, remote = search(0), search(2)
+    assert torch.equal(local[0], remote[0])
+    assert torch.allclose(local[1], remote[1], atol=1e-6)
