@@ -71,11 +71,6 @@ __all__ = [
 #: gradient), ``"sum"`` = SM-G-SUM, ``"abs"`` = SM-G-ABS; see :func:`output_sensitivity`.
 METHODS = ("rms", "sum", "abs")
 
-# Autograd keeps roughly this many times a forward pass's live activations for the
-# backward pass; the sensitivity chunks are the forward's chunks divided by it.
-_BACKWARD_MEMORY_FACTOR = 3
-
-
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -144,7 +139,8 @@ def output_sensitivity(
             replicas (``"abs"``) per vectorised chunk; default from ``memory_budget``.
         memory_budget: activation bytes a chunk may use, as for
             :func:`~evotorch_mqa_moe.model.population_forward` (the forward's chunk
-            is divided by 3 for what autograd keeps alive).
+            is divided by ``2 * (num_layers + 1)``: autograd keeps every layer's
+            activations, and the backward pass holds gradients of the same size).
     Returns:
         ``(P, N)`` non-negative sensitivities, on ``values``' device and dtype.
 
@@ -194,16 +190,20 @@ def output_sensitivity(
                                       chunk_size, memory_budget)
 
 
-def _chunk(config: TransformerConfig, rows: int, values: Tensor, memory_budget: int | None,
-           extra_bytes: int = 0) -> int:
-    """Networks per sensitivity chunk: the forward's chunk for ``rows`` token rows / 3,
-    further limited when each network also holds ``extra_bytes`` of gradients."""
-    forward = default_chunk_size(config, rows, values.device, values.dtype, memory_budget)
-    chunk = max(1, forward // _BACKWARD_MEMORY_FACTOR)
+def _chunk(config: TransformerConfig, rows: int, seq_len: int, values: Tensor,
+           memory_budget: int | None, extra_bytes: int = 0) -> int:
+    """Networks per sensitivity chunk: the forward's chunk for ``rows`` token rows of
+    sequences of ``seq_len``, divided by ``2 * (num_layers + 1)`` (autograd keeps every
+    layer's activations; the backward holds gradients as large), further limited
+    when each network also holds ``extra_bytes`` of its own genes and gradients."""
+    forward = default_chunk_size(config, rows, values.device, values.dtype, memory_budget,
+                                 seq_len=seq_len)
+    factor = 2 * (config.num_layers + 1)
+    chunk = max(1, forward // factor)
     if extra_bytes:
-        per = _bytes_per_individual(config, rows, values.element_size())
-        budget = forward * per  # the budget actually in force, as default_chunk_size saw it
-        chunk = max(1, min(chunk, budget // (_BACKWARD_MEMORY_FACTOR * per + extra_bytes)))
+        per = _bytes_per_individual(config, rows, values.element_size(), seq_len)
+        budget = forward * per  # about the budget default_chunk_size worked with
+        chunk = max(1, min(chunk, budget // (factor * per + extra_bytes)))
     return chunk
 
 
@@ -215,7 +215,7 @@ def _sensitivity_projected(config: TransformerConfig, values: Tensor, inputs: Te
     B, T = _shape_bt(config, inputs)
     per_individual = inputs.dim() == (3 if config.token_inputs else 4)
     if chunk_size is None:
-        chunk_size = _chunk(config, B * T, values, memory_budget)
+        chunk_size = _chunk(config, B * T, T, values, memory_budget)
     out = torch.empty_like(values)
     O = config.output_dim
     sign_device = generator.device if generator is not None else values.device
@@ -254,7 +254,7 @@ def _sensitivity_abs(config: TransformerConfig, values: Tensor, inputs: Tensor,
     rows = 1 if config.pooling is not None else T  # output rows per replica (one sequence)
     if chunk_size is None:
         # a replica holds its own copy of the genes and their gradient
-        chunk_size = _chunk(config, T, values, memory_budget,
+        chunk_size = _chunk(config, T, T, values, memory_budget,
                             extra_bytes=2 * N * values.element_size())
     # Replica i of the flattened (individual, batch item) grid is individual i // B
     # on sequence i % B.
