@@ -5,8 +5,9 @@ them into the GA.
 
 * :func:`per_tensor_stdev` - a fixed ``(N,)`` per-gene stdev from one scale per
   parameter tensor (embeddings vs expert weights vs LayerNorm gains). Helps when
-  tensors live on different scales: a step that is small for a 0.02-initialised
-  embedding is huge for a LayerNorm gain of 1 or a router whose logits saturate.
+  tensors live on different scales: token embeddings are drawn from N(0, 1) and
+  LayerNorm gains start at 1, while linear weights are U(+-1/sqrt(fan_in)) (+-0.25
+  at width 16): a step that is small for the first is large for the second.
 * :class:`SelfAdaptiveStepSize` - each individual carries a log step-size
   multiplier that is inherited (mean of the two parents' logs), perturbed
   log-normally, and selected implicitly with the genome (Schwefel 1977; Beyer &
@@ -58,7 +59,10 @@ def per_tensor_stdev(
         ``(N,)`` tensor, ``N`` = total number of parameters; pass it as
         ``GaussianMutation(stdev=...)``.
 
-    Example: ``per_tensor_stdev(model, {"*embed*": 0.02, "*experts*": 0.05}, default=0.05)``.
+    Names look like ``embed.weight``, ``pos_embed``, ``layers.0.attn.qkv_weight``,
+    ``layers.0.moe.in_weight`` (experts), ``layers.0.moe.gate_weight``, ``head.weight``.
+
+    Example: ``per_tensor_stdev(model, {"*embed*": 0.1, "*.moe.*": 0.03}, default=0.05)``.
     """
     items = (
         list(parameters.named_parameters())
