@@ -195,3 +195,31 @@ def test_declared_test_libraries_are_used_by_the_tests():
     imported = set().union(*(_unconditional_imports(p) for p in (ROOT / "tests").glob("*.py")))
     unused = {lib for lib in libraries if lib.replace("-", "_") not in imported}
     assert not unused, f"declared for tests but imported by none: {unused}"
+
+
+# ----------------------------------------------------------------------------- examples
+
+TIMING_CLAIM = re.compile(r"~\s*\d+(\.\d+)?\s*(s|sec|seconds|min|minutes)\b")
+
+
+def test_examples_make_no_timing_claims():
+    # Numbers in the docs come from a bench/ script (docs/benchmarks.md) or from a
+    # command shown next to them; the examples only point there.
+    claims = {p.name: TIMING_CLAIM.findall(p.read_text())
+              for p in sorted((ROOT / "examples").glob("*.py"))}
+    assert not {name: found for name, found in claims.items() if found}
+
+
+@pytest.mark.slow
+def test_cartpole_example_scores_on_the_episodes_the_readme_states(tmp_path):
+    from evotorch_mqa_moe.problems import make_task
+
+    episodes = make_task("cartpole").test_episodes
+    readme = (ROOT / "README.md").read_text()
+    assert f"`mean_return` ({episodes} episodes)" in readme
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "cartpole.py"), "--generations", "1",
+         "--popsize", "4", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"held-out mean return over {episodes} fixed test episodes" in done.stdout
