@@ -249,8 +249,8 @@ class TransformerProblem(NEProblem):
         elif isinstance(solutions, Tensor):
             values = solutions
         else:
-            try:
-                values = torch.as_tensor(solutions)
+            try:  # lists, arrays: in the problem's dtype, as make_net converts them
+                values = torch.as_tensor(solutions, dtype=self.dtype)
             except (TypeError, ValueError, RuntimeError) as err:
                 raise TypeError(
                     "solutions must be a Solution, a SolutionBatch or a tensor (N,) / (P, N), "

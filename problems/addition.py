@@ -41,15 +41,23 @@ class AdditionTask(SyntheticTask):
     sum right; the target metric). Chance (uniform guessing): ``1/10`` per digit,
     ``10**-(n+1)`` per sum; ceiling 1.0 (loss 0).
 
-    Options: ``num_digits=3`` (1..15), ``digit_order="lsb"``, ``batch_size=64``,
+    Options: ``num_digits=1`` (1..15), ``digit_order="lsb"``, ``batch_size=64``,
     ``test_size=1024``, ``seed=0`` (of the test set).
+
+    The default is sized so that the task measures search, not model capacity or
+    budget (``bench/learnability.py``; one seed, batch 64, Adam lr 1e-2, default
+    model): ``num_digits=1`` (a digit sum and its carry) reaches 95% exact in
+    200-250 Adam steps, and PGPE (popsize 200) reached 72% exact in 100k
+    evaluations. ``num_digits=2`` adds carry propagation: Adam needs ~600 steps,
+    PGPE stayed below 2% exact in 100k evaluations. ``num_digits=3`` (the former
+    default) needs ~2,000 Adam steps.
     """
 
     name = "addition"
     vocab_size = 13
     output_dim = 10
 
-    def __init__(self, *, num_digits: int = 3, digit_order: str = "lsb", batch_size: int = 64,
+    def __init__(self, *, num_digits: int = 1, digit_order: str = "lsb", batch_size: int = 64,
                  test_size: int = 1024, seed: int = 0):
         super().__init__(batch_size=batch_size, test_size=test_size, seed=seed)
         self.num_digits = check_int("num_digits", num_digits, 1, 15)
@@ -80,7 +88,10 @@ class AdditionTask(SyntheticTask):
 
     def default_config(self) -> TransformerConfig:
         """Embed 16, 2 layers, 2 query heads sharing one key/value head, 2 experts of 32,
-        learned positions, a 10-digit head (~6.7k parameters at 3 digits)."""
+        learned positions, a 10-digit head (6,622 parameters at 1 digit, 6,718 at 3).
+
+        One layer is not enough: with one layer Adam stayed below 35% exact on one
+        digit after 3,000 steps."""
         return TransformerConfig(
             vocab_size=self.vocab_size, output_dim=self.output_dim, embed_dim=16, num_layers=2,
             num_heads=2, num_kv_heads=1, expert_dim=32, num_experts=2,

@@ -249,6 +249,7 @@ def test_metrics_and_population_model_take_solutions_batches_and_tensors(problem
     assert problem.metrics(batch[1:3])[key] == many[1:3]
     assert problem.metrics(batch[1])[key] == many[1]  # a Solution
     assert problem.metrics(values[2].tolist())[key] == many[2]
+    assert problem.metrics(values[2].double().numpy())[key] == many[2]
     assert problem.population_model(batch[0]).popsize == 1
     assert torch.equal(problem.population_model(batch).params, values)
     with pytest.raises(TypeError, match="Solution"):

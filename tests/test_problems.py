@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ CASES = {
     "reverse": ("reverse", {}),
     "sort": ("sort", {}),
     "addition": ("addition", {}),
+    "addition-3": ("addition", {"num_digits": 3}),
     "addition-msb": ("addition", {"num_digits": 2, "digit_order": "msb"}),
     "majority": ("majority", {}),
     "majority-3": ("majority", {"num_classes": 3, "seq_len": 8}),
@@ -29,6 +32,7 @@ CASES = {
 }
 OWN = ["reverse", "sort", "addition", "majority", "language"]
 HAS_CARTPOLE = importlib.util.find_spec("evotorch_mqa_moe.problems.cartpole") is not None
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -261,7 +265,7 @@ def test_scoring_ignores_unscored_positions():
 
 
 def test_markov_true_model_gets_the_entropy_rate():
-    task = make_task("language")  # order 2, vocab 8
+    task = make_task("language")  # order 2, vocab 4
     inputs, targets = task.test_set()
     outputs = task.source_log_probs(inputs).float().unsqueeze(0)
     bpc = task.score(outputs, targets)["bits_per_char"].item()
@@ -308,6 +312,53 @@ def test_text_corpus_and_split():
     base = task.baselines()
     assert base["bigram_bpc"] < base["unigram_bpc"] < base["uniform_bpc"]
     assert task.ceiling()["bits_per_char"] is None
+
+
+# --- defaults -----------------------------------------------------------------
+
+
+def test_defaults_are_the_variants_search_can_learn():
+    # bench/learnability.py: Adam reaches the ceiling of these in a few hundred steps;
+    # the former defaults (3 digits; vocab 8, concentration 0.5) stay reachable
+    addition = make_task("addition")
+    assert addition.num_digits == 1 and addition.seq_len == 6
+    assert make_task("addition", num_digits=3).seq_len == 12
+    markov = make_task("language")
+    assert (markov.vocab_size, markov.order, markov.concentration) == (4, 2, 0.3)
+    old = make_task("language", vocab_size=8, concentration=0.5)
+    assert old.chain.entropy_rate == pytest.approx(2.245, abs=1e-3)
+    # the default chain still needs two tokens of context: the bigram baseline is far
+    # above the entropy rate, and the entropy rate far below uniform guessing
+    base = markov.baselines()
+    assert base["bigram_bpc"] - base["entropy_rate"] > 0.4
+    assert base["uniform_bpc"] - base["entropy_rate"] > 0.9
+
+
+def _documented_parameter_counts(doc: str) -> list[tuple[str, dict, int]]:
+    """(task, options, parameters) of each row of the problem table in ``doc``."""
+    lines = (ROOT / doc).read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if "default model (parameters)" in line)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        name = re.match(r"`(\w+)`", cells[0]).group(1)
+        options = {"source": "text"} if name == "language" and "text" in cells[0] else {}
+        count = int(re.match(r"([\d,]+)", cells[-1]).group(1).replace(",", ""))
+        rows.append((name, options, count))
+    return rows
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/problems.md"])
+def test_documented_parameter_counts_match_the_default_models(doc):
+    rows = _documented_parameter_counts(doc)
+    assert {name for name, _, _ in rows} == set(OWN + ["cartpole"])
+    for name, options, count in rows:
+        if name == "cartpole" and not HAS_CARTPOLE:
+            continue
+        task = make_task(name, **options)
+        assert num_parameters(task.default_config()) == count, (doc, name, options)
 
 
 # --- through TransformerProblem ------------------------------------------------
