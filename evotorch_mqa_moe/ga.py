@@ -26,6 +26,7 @@ from evotorch.algorithms import GeneticAlgorithm
 from .adaptive import SelfAdaptiveStepSize, SuccessRule
 from .functional import best_first
 from .operators import GaussianMutation, UniformCrossOver
+from .safe_mutation import SafeMutationScale
 
 __all__ = ["SeedGeneticAlgorithm", "seed_genetic_algorithm"]
 
@@ -50,9 +51,15 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
         mutation: applied to every child.
         num_elites: best parents copied unchanged into the next generation; ``None``
             keeps the best ``P`` of parents and children together.
-        re_evaluate: re-evaluate the parents every generation (keep ``True`` for
-            noisy fitness).
+        re_evaluate: ``True``: re-evaluate all parents every generation; ``"elites"``:
+            re-evaluate only the ``num_elites`` survivors on the new generation's data
+            (cheap, and an elite's lucky score on an old batch cannot keep it on top);
+            ``False``: never (each individual keeps the score of its first batch).
         step_size: ``None``, a :class:`SelfAdaptiveStepSize` or a :class:`SuccessRule`.
+        safe_mutation: ``None`` or a :class:`~evotorch_mqa_moe.safe_mutation.SafeMutationScale`:
+            mutation stdevs are multiplied by its per-gene multipliers, measured on the
+            parents and refreshed every ``safe_mutation.every`` generations. Its cost
+            (forward-equivalents) is added to ``problem.evaluations``.
     """
 
     def __init__(
@@ -63,13 +70,22 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
         cross_over: UniformCrossOver,
         mutation: GaussianMutation,
         num_elites: int | None = 2,
-        re_evaluate: bool = True,
+        re_evaluate: bool | str = True,
         step_size: SelfAdaptiveStepSize | SuccessRule | None = None,
+        safe_mutation: SafeMutationScale | None = None,
     ):
         if int(popsize) != popsize or popsize < 2:
             raise ValueError(f"`popsize` must be an integer >= 2, got {popsize!r}")
         if num_elites is not None and not (0 <= num_elites < popsize):
             raise ValueError(f"`num_elites` must be in [0, popsize), got {num_elites!r}")
+        if re_evaluate not in (True, False, "elites"):
+            raise ValueError(f"`re_evaluate` must be True, False or 'elites', got {re_evaluate!r}")
+        if re_evaluate == "elites" and num_elites is None:
+            raise ValueError("`re_evaluate='elites'` needs a number of elites, got num_elites=None")
+        if safe_mutation is not None and not isinstance(safe_mutation, SafeMutationScale):
+            raise TypeError(
+                f"`safe_mutation` must be None or a SafeMutationScale, got {safe_mutation!r}"
+            )
         if step_size is not None and not isinstance(step_size, SelfAdaptiveStepSize | SuccessRule):
             raise TypeError(
                 "`step_size` must be None, a SelfAdaptiveStepSize or a SuccessRule, "
@@ -83,8 +99,11 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
             operators=[cross_over, mutation],
             popsize=int(popsize),
             elitist=num_elites is None,
-            re_evaluate=re_evaluate,
+            re_evaluate=re_evaluate is True,
         )
+        self._re_evaluate_elites = re_evaluate == "elites"
+        self._safe = safe_mutation
+        self._generation = 0
         self._cross_over = cross_over
         self._mutation = mutation
         self._num_elites = num_elites
@@ -107,6 +126,10 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
         return self._step_size
 
     @property
+    def safe_mutation(self) -> SafeMutationScale | None:
+        return self._safe
+
+    @property
     def log_step_scales(self) -> torch.Tensor | None:
         """``(P,)`` log step-size multipliers of the population (self-adaptive only)."""
         return self._log_scales
@@ -118,6 +141,12 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
         if self._re_evaluate or self._needs_eval:
             problem.evaluate(parents)
             self._needs_eval = False
+        elif self._re_evaluate_elites and self._num_elites:
+            # The elites are the first rows (see the buffer below): score them on this
+            # generation's data, like the children they compete with.
+            elites = _batch(problem, parents.values.as_subclass(torch.Tensor)[: self._num_elites])
+            problem.evaluate(elites)
+            parents._evdata[: self._num_elites] = elites._evdata
         parent_fit = _fitness(parents, self._obj)
         parent_values = parents.values.as_subclass(torch.Tensor)
         num_parents, length = parent_values.shape
@@ -149,6 +178,12 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
             scale = torch.tensor(self._step_size.scale, dtype=child_values.dtype)
         else:
             scale = None
+        if self._safe is not None:
+            spent = self._safe.forward_equivalents
+            safe = self._safe.scale(parent_values, self._generation).to(child_values.dtype)
+            problem.evaluations += math.ceil(self._safe.forward_equivalents - spent)
+            scale = safe if scale is None else scale * safe
+        self._generation += 1
         # The children are fresh: mutate them in place (bounds clipping may copy).
         mutated = self._mutation.mutate_values(child_values, scale=scale, inplace=True)
         if mutated is not child_values:
@@ -215,9 +250,11 @@ def seed_genetic_algorithm(
     stdev: float | torch.Tensor = 0.05,
     mutation_probability: float | None = 0.1,
     step_size: str | SelfAdaptiveStepSize | SuccessRule | None = None,
-    re_evaluate: bool = False,
+    re_evaluate: bool | str = False,
     obj_index: int | None = None,
     granularity: str = "parameter",
+    safe_mutation: bool | SafeMutationScale = False,
+    safe_every: int = 10,
 ) -> SeedGeneticAlgorithm:
     """Build the seed's GA: truncation selection, uniform cross-over, mutation, elitism.
 
@@ -253,6 +290,12 @@ def seed_genetic_algorithm(
         granularity: what the cross-over swaps whole: ``"parameter"`` (single genes,
             the seed's), ``"row"``, ``"head"``, ``"expert"``, ``"tensor"`` or ``"layer"``
             (needs ``problem.gene_groups``, e.g. a ``TransformerProblem``).
+        safe_mutation: ``True`` scales each gene's mutation by the inverse sensitivity
+            of the network's outputs to it (a
+            :class:`~evotorch_mqa_moe.safe_mutation.SafeMutationScale` with its
+            defaults, refreshed every ``safe_every`` generations), or give a
+            configured ``SafeMutationScale``; ``False``: plain mutation.
+        safe_every: refresh interval for ``safe_mutation=True``.
     Returns:
         A :class:`SeedGeneticAlgorithm` (an ``evotorch.algorithms.GeneticAlgorithm``).
     """
@@ -288,6 +331,10 @@ def seed_genetic_algorithm(
         **selection,
     )
     mutation = GaussianMutation(problem, stdev=stdev, mutation_probability=mutation_probability)
+    if safe_mutation is True:
+        safe_mutation = SafeMutationScale(problem, every=safe_every)
+    elif safe_mutation is False or safe_mutation is None:
+        safe_mutation = None
     return SeedGeneticAlgorithm(
         problem,
         popsize=int(popsize),
@@ -296,4 +343,5 @@ def seed_genetic_algorithm(
         num_elites=None if num_elites is None else int(num_elites),
         re_evaluate=re_evaluate,
         step_size=step_size,
+        safe_mutation=safe_mutation,
     )

@@ -186,3 +186,73 @@ def test_adaptive_validation():
         SelfAdaptiveStepSize(tau=-1.0)
     with pytest.raises(ValueError, match="target"):
         SuccessRule(target=1.0)
+
+
+class CountingProblem(Problem):
+    """Minimise |x|^2 plus a per-generation offset; records the size of each evaluated batch."""
+
+    def __init__(self):
+        super().__init__("min", solution_length=6, initial_bounds=(-1.0, 1.0), seed=3)
+        self.sizes: list[int] = []
+        self.offset = 0.0
+
+    def _evaluate_batch(self, batch):
+        self.sizes.append(len(batch))
+        batch.set_evals((batch.values**2).sum(-1) + self.offset)
+
+
+def test_re_evaluate_elites_scores_only_the_elites_on_new_data():
+    problem = CountingProblem()
+    ga = seed_genetic_algorithm(problem, popsize=10, num_elites=3, re_evaluate="elites")
+    ga.step()
+    assert problem.sizes == [10, 7]  # first population, then the children
+    elites = ga.population.values[:3].clone()
+    problem.offset = -100.0  # an "easier batch": only re-scored individuals get the bonus
+    ga.step()
+    assert problem.sizes[2:] == [3, 7]  # elites re-scored, then the children
+    # The re-scored elites now beat every child scored on the old batch, so they stay
+    # the elites, and they carry their new scores.
+    new_scores = (elites**2).sum(-1) - 100.0
+    assert torch.equal(ga.population.values[:3], elites)
+    assert torch.allclose(ga.population.evals[:3, 0], new_scores)
+
+
+@pytest.mark.parametrize("bad", [{"re_evaluate": "parents"}, {"re_evaluate": 1.5}])
+def test_re_evaluate_rejects_unknown_values(bad):
+    with pytest.raises(ValueError, match="re_evaluate"):
+        seed_genetic_algorithm(make_problem(), popsize=10, **bad)
+
+
+def test_re_evaluate_elites_needs_elites():
+    with pytest.raises(ValueError, match="num_elites=None"):
+        seed_genetic_algorithm(make_problem(), popsize=10, num_elites=None, re_evaluate="elites")
+
+
+def test_safe_mutation_type_is_checked():
+    with pytest.raises(TypeError, match="safe_mutation"):
+        SeedGeneticAlgorithm(
+            make_problem(), popsize=10,
+            cross_over=seed_genetic_algorithm(make_problem(), popsize=10)._cross_over,
+            mutation=seed_genetic_algorithm(make_problem(), popsize=10)._mutation,
+            safe_mutation="yes",
+        )
+
+
+def test_safe_mutation_scales_the_mutation_and_its_cost_is_counted():
+    from evotorch_mqa_moe.problem import TransformerProblem
+    from evotorch_mqa_moe.problems import make_task
+
+    task = make_task("reverse")
+    config = task.default_config().replace(embed_dim=8, num_heads=2, expert_dim=8)
+    plain = TransformerProblem(task, config, seed=0)
+    safe = TransformerProblem(task, config, seed=0)
+    ga_plain = seed_genetic_algorithm(plain, popsize=8, re_evaluate="elites")
+    ga_safe = seed_genetic_algorithm(safe, popsize=8, re_evaluate="elites", safe_mutation=True,
+                                     safe_every=2)
+    for _ in range(3):
+        ga_plain.step()
+        ga_safe.step()
+    scale = ga_safe.safe_mutation
+    assert scale.refreshes == 2  # generations 0 and 2
+    assert safe.evaluations == plain.evaluations + math.ceil(scale.forward_equivalents / 2) * 2
+    assert not torch.equal(ga_plain.population.values, ga_safe.population.values)
