@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--popsize", type=int, default=None, help="population size")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
         p.add_argument("--out", type=Path, required=True, help="output folder")
-        p.add_argument("--stdev", type=float, default=0.05, help="initial search stdev")
+        p.add_argument("--stdev", type=float, default=None,
+                       help="initial search / mutation stdev (default: the searcher's)")
         p.add_argument("--task-option", action="append", metavar="NAME=VALUE",
                        help="task option, e.g. seq_len=10 (repeatable)")
         p.add_argument("--model", action="append", metavar="NAME=VALUE",

@@ -152,7 +152,7 @@ def _validate(task_name: str, searchers: Sequence[str], seeds: int, max_evals: i
 def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: int | None = None,
             max_seconds: float | None = None, out: str | Path, popsize: int | None = None,
             device: str = "cpu",
-            stdev: float = 0.05, target: float | None = None,
+            stdev: float | None = None, target: float | None = None,
             task_options: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
             eval_every: int = 10, searcher_options: dict[str, dict[str, Any]] | None = None,
             command: str | None = None, budget_evals: int | None = None) -> Any:

@@ -78,7 +78,7 @@ class RunSettings:
         popsize: population size (``None`` = the searcher's default).
         seed: seeds the problem, the searcher and the data stream.
         device: where evaluation runs (``"cpu"``, ``"cuda"``, ...).
-        stdev: initial search / mutation stdev.
+        stdev: initial search / mutation stdev (``None``: the searcher's default).
         task_options, model, searcher_options: passed to the task, to
             ``TransformerConfig.replace`` and to the searcher's builder (e.g.
             ``{"lr": 1e-3}`` for ``adam``).
@@ -94,7 +94,7 @@ class RunSettings:
     popsize: int | None = None
     seed: int = 0
     device: str = "cpu"
-    stdev: float = 0.05
+    stdev: float | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     searcher_options: dict[str, Any] = field(default_factory=dict)

@@ -138,6 +138,7 @@ class SearcherSpec:
             builder may ignore ``popsize`` and ``stdev`` (``adam`` trains one network).
         default_popsize: population size when none is given.
         min_popsize: the smallest population it accepts.
+        default_stdev: the search / mutation stdev when none is given.
         needs_gradient: True for searchers that backpropagate the task's loss; they
             refuse tasks without ``sample`` + ``loss`` (cartpole) with one clear error.
         search_space: declarative ranges for tuning, ``{option: entry}`` with entry
@@ -154,6 +155,7 @@ class SearcherSpec:
     min_popsize: int = 1
     needs_gradient: bool = False
     search_space: Mapping[str, tuple] = field(default_factory=dict)
+    default_stdev: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
@@ -201,15 +203,16 @@ def min_popsize(name: str) -> int:
 
 
 def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None = None,
-                  stdev: float = 0.05, **options: Any) -> Searcher:
+                  stdev: float | None = None, **options: Any) -> Searcher:
     """Build searcher ``name`` over ``problem``.
 
     Args:
         name: a name in :data:`SEARCHERS`.
         problem: the problem (its generator seeds the searcher's randomness).
         popsize: population size; default the spec's ``default_popsize``.
-        stdev: the initial search stdev (ES) or mutation stdev (GAs). 0.05 was
-            the measured sweet spot on the example problems.
+        stdev: the initial search stdev (ES) or mutation stdev (GAs); default the
+            spec's ``default_stdev`` (0.05, the measured sweet spot of the evolutionary
+            searchers on the example problems; 0.01 for the hybrids).
         options: keyword options of the searcher's builder (for EvoTorch
             searchers: passed on to its constructor, or to
             :func:`~evotorch_mqa_moe.ga.seed_genetic_algorithm` for ``ga``).
@@ -221,6 +224,7 @@ def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None
     """
     spec = get_spec(name)
     popsize = spec.default_popsize if popsize is None else popsize
+    stdev = spec.default_stdev if stdev is None else stdev
     if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < spec.min_popsize:
         raise ValueError(f"popsize for {name} must be an integer >= {spec.min_popsize}, "
                          f"got {popsize!r}")
@@ -342,9 +346,29 @@ def _wrap(algorithm: Any, problem: TransformerProblem, popsize: int) -> EvoTorch
 
 
 # ----------------------------------------------------------------------------- builders
+# The GA as shipped before issue "GA learns", pinned here so that `ga-seed` keeps meaning
+# the seed's algorithm whatever the defaults of `seed_genetic_algorithm` become.
+GA_SEED_SETTINGS: dict[str, Any] = {
+    "num_elites": 2, "parent_selection": "truncation", "truncation_fraction": 0.2,
+    "swap_probability": 0.5, "mutation_probability": 0.1, "re_evaluate": False,
+    "granularity": "parameter", "safe_mutation": False, "step_size": None,
+}
+# What `ga` changes, each by measurement (docs/searchers.md, "The GA's defaults"): the
+# elites are re-scored on every generation's batch (1% more evaluations at popsize 200).
+GA_SETTINGS: dict[str, Any] = {**GA_SEED_SETTINGS, "re_evaluate": "elites"}
+
+
 def _build_ga(problem: TransformerProblem, *, popsize: int, stdev: float,
               **options: Any) -> EvoTorchSearcher:
-    algorithm = seed_genetic_algorithm(problem, popsize=popsize, **{"stdev": stdev, **options})
+    algorithm = seed_genetic_algorithm(problem, popsize=popsize,
+                                       **{**GA_SETTINGS, "stdev": stdev, **options})
+    return _wrap(algorithm, problem, popsize)
+
+
+def _build_ga_seed(problem: TransformerProblem, *, popsize: int, stdev: float,
+                   **options: Any) -> EvoTorchSearcher:
+    algorithm = seed_genetic_algorithm(problem, popsize=popsize,
+                                       **{**GA_SEED_SETTINGS, "stdev": stdev, **options})
     return _wrap(algorithm, problem, popsize)
 
 
@@ -419,13 +443,18 @@ def _build_adam(problem: TransformerProblem, *, popsize: int, stdev: float,
 
 
 GA_SPACE = {"stdev": ("log", 0.005, 0.3), "mutation_probability": ("log", 0.005, 1.0),
-            "truncation_fraction": ("float", 0.05, 0.5), "num_elites": ("int", 0, 10),
+            "truncation_fraction": ("float", 0.05, 0.5), "num_elites": ("int", 1, 10),
+            "granularity": ("cat", ["parameter", "row", "head", "expert", "tensor"]),
+            "re_evaluate": ("cat", [False, "elites"]),
             "popsize": ("int", 50, 1000)}
 _ES_SPACE = {"stdev": ("log", 0.005, 0.3), "popsize": ("int", 20, 1000)}
 
 for _spec in (
     SearcherSpec("ga", "our GA: truncation selection, uniform cross-over, probabilistic "
-                 "Gaussian mutation, elites", _build_ga, default_popsize=300, min_popsize=3,
+                 "Gaussian mutation, elites re-scored on each generation's data", _build_ga,
+                 default_popsize=200, min_popsize=3, search_space=GA_SPACE),
+    SearcherSpec("ga-seed", "the seed's GA exactly as first shipped (elites keep their first "
+                 "score)", _build_ga_seed, default_popsize=200, min_popsize=3,
                  search_space=GA_SPACE),
     SearcherSpec("ga-evotorch", "EvoTorch's GeneticAlgorithm with its SBX cross-over and "
                  "Gaussian mutation", _build_ga_evotorch, default_popsize=300, min_popsize=3,
@@ -471,3 +500,33 @@ for _spec in (
 ):
     register(_spec)
 del _spec
+
+
+# ----------------------------------------------------------------------------- hybrids
+def _build_hybrid(which: str) -> Callable[..., Searcher]:
+    def build(problem: TransformerProblem, *, popsize: int, stdev: float,
+              **options: Any) -> Searcher:
+        from . import hybrid
+
+        return getattr(hybrid, f"build_{which}")(problem, popsize=popsize, stdev=stdev,
+                                                  **options)
+
+    build.__name__ = f"build_{which}"
+    return build
+
+
+def _register_hybrids() -> None:
+    from .hybrid import SEARCH_SPACES
+
+    for name, description, popsize in (
+        ("lamarck", "GA whose children take k gradient steps and keep the trained weights", 32),
+        ("baldwin", "GA whose children are scored after k gradient steps; genomes untrained", 32),
+        ("pbt", "population-based training: per-individual lr and beta1, exploit and explore",
+         16),
+    ):
+        register(SearcherSpec(name, description, _build_hybrid(name), default_popsize=popsize,
+                              min_popsize=2 if name == "pbt" else 3, needs_gradient=True,
+                              search_space=SEARCH_SPACES[name], default_stdev=0.01))
+
+
+_register_hybrids()
