@@ -571,7 +571,7 @@ class HybridSearcher:
         """Everything needed to resume exactly, as tensors and numbers (weights_only-safe)."""
         state: dict[str, Any] = {
             "kind": type(self).__name__, "steps": self.steps, "examples": self._examples,
-            "best_eval": self._best_eval, "data_epoch": self.problem._data_epoch,
+            "best_eval": self._best_eval, "data_epoch": self.problem.data_epoch,
             "data_root": self.problem._data_root,
             "generator": self.problem.generator.get_state(),
         }
@@ -590,7 +590,7 @@ class HybridSearcher:
             raise ValueError(f"not a {type(self).__name__} state_dict (it holds {kind!r})")
         self.steps, self._examples = state["steps"], state["examples"]
         self._best_eval = state["best_eval"]
-        self.problem._data_epoch = state["data_epoch"]
+        self.problem.data_epoch = state["data_epoch"]
         self.problem._data_root = state["data_root"]
         self.problem.generator.set_state(state["generator"])
         device = self.problem.device
@@ -655,7 +655,7 @@ SEARCH_SPACES: dict[str, dict[str, tuple]] = {
         "lr": ("log", 1e-4, 1e-1),
         "interval": ("int", 2, 50),
         "exploit_fraction": ("float", 0.1, 0.5),
-        "lr_spread": ("log", 1.0, 30.0),
+        "lr_spread": ("log", 1.0, 100.0),
     },
 }
 """Declarative tuning ranges per hybrid searcher (keys are builder options, popsize, stdev)."""

@@ -296,6 +296,8 @@ def build(name, seed=0, **options):
     options = {"popsize": 6, "stdev": 0.05, **options}
     if name == "pbt":
         options.setdefault("interval", 2)
+    else:
+        options.setdefault("k", 1)
     return BUILDERS[name](tiny_problem(seed), **options)
 
 
