@@ -76,8 +76,8 @@ def gradient_chunk_size(config: TransformerConfig, rows: int, device: torch.devi
     frees them as it walks back). So the forward's budget
     (:func:`~evotorch_mqa_moe.model.default_chunk_size`, 24 MiB on CPU, 2 GiB on an
     accelerator) is divided by ``num_layers + 1``. At config A on CPU this gives
-    chunks of 3 (the forward's: 9); bench/gradient.py measured chunks of 2, 4 and 8
-    within 10% of each other and 1 about 15% slower.
+    chunks of 4 (the forward's: 14); bench/gradient.py measured chunks of 2, 3, 4 and
+    8 within 6% of each other and 1 about 30% slower (docs/benchmarks.md).
     """
     if memory_budget is None:
         memory_budget = (2 << 30) if torch.device(device).type != "cpu" else (24 << 20)
@@ -92,7 +92,7 @@ def _leaves(config: TransformerConfig, chunk: Tensor) -> dict[str, Tensor]:
 
     One leaf per parameter tensor rather than views of one (p, N) leaf: the backward of
     each view would otherwise scatter its gradient into a zero (p, N) buffer and add
-    it up (two full passes over the chunk per parameter tensor; 35% of the whole
+    it up (two full passes over the chunk per parameter tensor; 27% of the whole
     gradient's time at config A).
     """
     leaves, offset = {}, 0
