@@ -518,11 +518,12 @@ def _build_hybrid(which: str) -> Callable[..., Searcher]:
 def _register_hybrids() -> None:
     from .hybrid import SEARCH_SPACES
 
+    # popsize 8: measured in docs/searchers.md, "Hybrid searchers"
     for name, description, popsize in (
-        ("lamarck", "GA whose children take k gradient steps and keep the trained weights", 32),
-        ("baldwin", "GA whose children are scored after k gradient steps; genomes untrained", 32),
+        ("lamarck", "GA whose children take k gradient steps and keep the trained weights", 8),
+        ("baldwin", "GA whose children are scored after k gradient steps; genomes untrained", 8),
         ("pbt", "population-based training: per-individual lr and beta1, exploit and explore",
-         16),
+         8),
     ):
         register(SearcherSpec(name, description, _build_hybrid(name), default_popsize=popsize,
                               min_popsize=2 if name == "pbt" else 3, needs_gradient=True,
