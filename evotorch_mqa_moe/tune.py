@@ -1,0 +1,353 @@
+"""Hyperparameter tuning with Optuna: a study in a database, shared by any number of workers.
+
+:func:`tune` searches the ``search_space`` that a searcher declares in its registry
+entry (:class:`~evotorch_mqa_moe.searchers.SearcherSpec`): ``popsize``, ``stdev``
+and builder options, log-uniform where the space says ``"log"``. A trial runs the
+searcher on the task with seeds ``0..seeds-1`` for ``budget_evals``
+forward-equivalents each; its value is the mean held-out target metric (higher is
+better). The budget is spent in ``checkpoints`` pieces (``run(..., resume=True)``
+with a growing ``max_evaluations``, so the pieces end exactly as one uninterrupted
+run would); the mean metric after each piece is reported to Optuna, and the median
+pruner stops trials that lag the median of earlier trials at the same point.
+
+The study lives in ``storage`` (default ``sqlite:///OUT/study.db``; any URL Optuna
+accepts, e.g. PostgreSQL for many machines) under ``study`` (default
+``TASK-SEARCHER``). Calling :func:`tune` again adds ``trials`` more trials to the
+same study, and several processes given the same storage and study share it: each
+runs its ``trials`` trials, the sampler sees all of them.
+
+A trial that raises, or whose metric is NaN, is recorded as failed (its message in
+the trial's ``fail_reason`` user attribute) and the study goes on.
+
+Files written to ``out``:
+
+* ``best.json``: the best completed trial as ``{"task", "searcher", "popsize",
+  "stdev", "searcher_options", "task_options", "model", "metric", "value"}`` (plus
+  ``study``, ``trial``, ``budget_evals``, ``seeds``); ``run --config`` and
+  ``compare --config`` read it.
+* ``trials.csv``: every trial of the study (state, value, parameters, fail reason).
+* ``optimization_history.png`` and, once two trials completed,
+  ``param_importances.png``.
+* ``trials/<study>/<number>/seed<k>/``: each trial's run folders (``history.csv``,
+  ``results.json``; the checkpoints are deleted when the trial ends).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from .run import RunSettings, run
+from .searchers import get_spec
+
+__all__ = ["tune", "suggest", "trial_settings", "BEST_KEYS", "load_config"]
+
+BEST_KEYS = ("task", "searcher", "popsize", "stdev", "searcher_options", "task_options",
+             "model", "metric", "value")
+"""The keys of ``best.json`` (the ``--config`` format); the settings are the first seven."""
+_INFO_KEYS = ("study", "trial", "budget_evals", "seeds")  # recorded, ignored by --config
+
+
+def suggest(trial: Any, space: Mapping[str, tuple]) -> dict[str, Any]:
+    """Ask ``trial`` (an ``optuna.Trial``) for one value per entry of a search space.
+
+    ``("log", lo, hi)`` is log-uniform, ``("float", lo, hi)`` uniform, ``("int", lo,
+    hi[, step])`` an integer in ``[lo, hi]``, ``("cat", [choices])`` categorical.
+    """
+    params: dict[str, Any] = {}
+    for name, entry in space.items():
+        kind = entry[0]
+        if kind == "log":
+            params[name] = trial.suggest_float(name, entry[1], entry[2], log=True)
+        elif kind == "float":
+            params[name] = trial.suggest_float(name, entry[1], entry[2])
+        elif kind == "int":
+            step = entry[3] if len(entry) > 3 else 1
+            params[name] = trial.suggest_int(name, int(entry[1]), int(entry[2]), step=int(step))
+        elif kind == "cat":
+            params[name] = trial.suggest_categorical(name, list(entry[1]))
+        else:
+            raise ValueError(f"search space entry {name!r} has unknown kind {kind!r}")
+    return params
+
+
+def trial_settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Split suggested parameters into ``{"popsize", "stdev", "searcher_options"}``."""
+    options = {k: v for k, v in params.items() if k not in ("popsize", "stdev")}
+    return {"popsize": params.get("popsize"), "stdev": params.get("stdev"),
+            "searcher_options": options}
+
+
+def _open_study(storage: str, study: str, sampler_seed: int):
+    import optuna
+
+    try:
+        return optuna.create_study(
+            storage=storage, study_name=study, direction="maximize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+            pruner=optuna.pruners.MedianPruner())
+    except Exception as exc:  # sqlalchemy / driver errors of many kinds
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"cannot open storage {storage!r}: {type(exc).__name__}: "
+                         f"{first}") from None
+
+
+def _checkpoints(budget_evals: int, pieces: int) -> list[int]:
+    marks = sorted({max(1, round(budget_evals * k / pieces)) for k in range(1, pieces + 1)})
+    marks[-1] = budget_evals
+    return marks
+
+
+def _atomic_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read and check a ``best.json``-format file; returns its settings keys.
+
+    Returns:
+        ``{key: value}`` for the keys present among ``task``, ``searcher``,
+        ``popsize``, ``stdev``, ``searcher_options``, ``task_options``, ``model``
+        (``None`` values left out).
+
+    Raises:
+        ValueError: unreadable file, not a JSON object, an unknown key or a bad value
+            (the message names the file and the key).
+    """
+    from .problems import task_names
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config {str(path)!r} must hold a JSON object, got "
+                         f"{type(data).__name__}")
+    unknown = sorted(set(data) - set(BEST_KEYS) - set(_INFO_KEYS))
+    if unknown:
+        raise ValueError(f"config {str(path)!r}: unknown keys {unknown}; known: "
+                         f"{', '.join(BEST_KEYS + _INFO_KEYS)}")
+    out: dict[str, Any] = {}
+
+    def bad(key: str, want: str) -> ValueError:
+        return ValueError(f"config {str(path)!r}: {key} must be {want}, got {data[key]!r}")
+
+    for key in ("task", "searcher"):
+        if data.get(key) is not None:
+            if not isinstance(data[key], str):
+                raise bad(key, "a string")
+            out[key] = data[key]
+    if "task" in out and out["task"] not in task_names():
+        raise ValueError(f"config {str(path)!r}: unknown task {out['task']!r}; known: "
+                         f"{', '.join(task_names())}")
+    if "searcher" in out:
+        try:
+            get_spec(out["searcher"])
+        except ValueError as exc:
+            raise ValueError(f"config {str(path)!r}: {exc}") from None
+    if data.get("popsize") is not None:
+        p = data["popsize"]
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise bad("popsize", "a positive integer or null")
+        out["popsize"] = p
+    if data.get("stdev") is not None:
+        s = data["stdev"]
+        if isinstance(s, bool) or not isinstance(s, int | float) or not (
+                math.isfinite(s) and s > 0):
+            raise bad("stdev", "a positive number or null")
+        out["stdev"] = float(s)
+    for key in ("searcher_options", "task_options", "model"):
+        if data.get(key) is not None:
+            if not isinstance(data[key], dict) or not all(isinstance(k, str) for k in data[key]):
+                raise bad(key, "an object of NAME: VALUE or null")
+            out[key] = dict(data[key])
+    return out
+
+
+def _write_outputs(study: Any, out: Path, base: dict[str, Any], metric: str) -> dict | None:
+    """best.json, trials.csv and the plots; returns the best.json dict (None: no trial done)."""
+    import optuna
+
+    frame = study.trials_dataframe()
+    tmp = out / f"trials.csv.{os.getpid()}.tmp"
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, out / "trials.csv")
+    completed = [t for t in study.get_trials(deepcopy=False)
+                 if t.state == optuna.trial.TrialState.COMPLETE]
+    if not completed:
+        logger.warning(f"study {study.study_name}: no completed trial yet; no best.json")
+        return None
+    best_trial = max(completed, key=lambda t: t.value)
+    best = {"task": base["task"], "searcher": base["searcher"],
+            **trial_settings(best_trial.params),
+            "task_options": base["task_options"], "model": base["model"],
+            "metric": metric, "value": best_trial.value, "study": study.study_name,
+            "trial": best_trial.number, "budget_evals": base["budget_evals"],
+            "seeds": base["seeds"]}
+    _atomic_text(json.dumps(best, indent=2) + "\n", out / "best.json")
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    plots = [("optimization_history.png", ovm.plot_optimization_history)]
+    if len(completed) >= 2 and best_trial.params:
+        plots.append(("param_importances.png", ovm.plot_param_importances))
+    for name, plot in plots:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning of the matplotlib API
+                ax = plot(study)
+            fig = ax.figure
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=100)
+            plt.close(fig)
+        except Exception as exc:  # e.g. importances of parameters that never varied
+            logger.warning(f"{name} not drawn: {type(exc).__name__}: {exc}")
+    return best
+
+
+def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int = 1,
+         storage: str | None = None, study: str | None = None, out: str | Path,
+         task_options: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+         threads: int | None = None, sampler_seed: int = 0, device: str = "cpu",
+         checkpoints: int = 4, space: Mapping[str, tuple] | None = None,
+         eval_every: int = 10) -> dict[str, Any] | None:
+    """Run ``trials`` Optuna trials of ``searcher`` on ``task``; write best.json & co to ``out``.
+
+    Args:
+        task: a task name (``evotorch_mqa_moe.problems.task_names()``).
+        searcher: a name from :data:`~evotorch_mqa_moe.searchers.SEARCHERS` with a
+            non-empty ``search_space``.
+        trials: trials this call runs (more are added to an existing study).
+        budget_evals: forward-equivalents per run (one run per seed per trial).
+        seeds: runs per trial, seeds ``0..seeds-1``; the value is their mean metric.
+        storage: an Optuna storage URL (default ``sqlite:///OUT/study.db``).
+        study: the study name (default ``TASK-SEARCHER``).
+        out: output folder.
+        task_options, model: as in :class:`~evotorch_mqa_moe.run.RunSettings`.
+        threads: ``torch.set_num_threads`` for this process (None: unchanged).
+        sampler_seed: seed of the TPE sampler; with the same seed (and the same
+            objective values) a fresh study suggests the same parameters.
+        device: where evaluation runs.
+        checkpoints: pieces the budget is spent in; the mean metric after each is
+            reported to the pruner.
+        space: a search space replacing the registry's (same format), e.g. a
+            narrower popsize range.
+        eval_every: generations between held-out evaluations inside a run.
+
+    Returns:
+        The ``best.json`` dict, or None when the study has no completed trial.
+
+    Raises:
+        ValueError / TypeError: bad arguments or a storage that cannot be opened
+            (before any trial runs).
+    """
+    import optuna
+
+    from .problems import make_task, task_names
+    from .searchers import _check_space
+
+    if task not in task_names():
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(task_names())}")
+    spec = get_spec(searcher)  # ValueError naming the known searchers
+    for name, value, low in (("trials", trials, 1), ("budget_evals", budget_evals, 1),
+                             ("seeds", seeds, 1), ("checkpoints", checkpoints, 1),
+                             ("sampler_seed", sampler_seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+    space = dict(spec.search_space if space is None else space)
+    _check_space(searcher, space)
+    if not space:
+        raise ValueError(f"searcher {searcher!r} declares no search_space; nothing to tune")
+    task_options = dict(task_options or {})
+    model = dict(model or {})
+    task_obj = make_task(task, **task_options)  # bad task options fail here, not per trial
+    if model:
+        task_obj.default_config().replace(**model)
+    metric = task_obj.target_metric
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    study_name = study or f"{task}-{searcher}"
+    study_obj = _open_study(storage, study_name, sampler_seed)
+    marks = _checkpoints(budget_evals, checkpoints)
+    base = {"task": task, "searcher": searcher, "task_options": task_options, "model": model,
+            "budget_evals": budget_evals, "seeds": seeds}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, space)
+        chosen = trial_settings(params)
+        folder = out / "trials" / study_name / str(trial.number)
+        try:
+            value = float("nan")
+            for i, mark in enumerate(marks):
+                values = []
+                for seed in range(seeds):
+                    settings = RunSettings(
+                        task=task, searcher=searcher, max_evaluations=mark, seed=seed,
+                        device=device, task_options=task_options, model=model,
+                        eval_every=eval_every, checkpoint_every=10**9, **chosen)
+                    results = run(settings, folder / f"seed{seed}", resume=i > 0)
+                    values.append(float(results["final_metrics"][metric]))
+                value = sum(values) / len(values)
+                if not math.isfinite(value):
+                    trial.set_user_attr("fail_reason", f"{metric} is {value} after {mark:,} "
+                                                       "forward-equivalents")
+                    logger.warning(f"trial {trial.number}: {metric} is {value}; marked failed")
+                    return float("nan")  # Optuna records the trial as FAIL
+                trial.report(value, mark)
+                if i < len(marks) - 1 and trial.should_prune():
+                    logger.info(f"trial {trial.number} pruned at {mark:,} evals "
+                                f"({metric} {value:.4g})")
+                    raise optuna.TrialPruned(f"{metric} {value:.4g} at {mark:,} evals")
+            return value
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("fail_reason", reason)
+            logger.warning(f"trial {trial.number} failed: {reason}")
+            raise
+        finally:
+            for pt in folder.glob("seed*/*.pt"):
+                pt.unlink(missing_ok=True)
+
+    def progress(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        done = [t for t in study_.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE]
+        best = max((t.value for t in done), default=float("nan"))
+        value = "-" if trial.value is None else f"{trial.value:.4g}"
+        logger.info(f"trial {trial.number} {trial.state.name.lower()}: {metric} {value} "
+                    f"{trial.params} | best {best:.4g} over {len(done)} completed")
+
+    logger.info(f"tuning {searcher} on {task}: {trials} trials x {seeds} seed(s) x "
+                f"{budget_evals:,} forward-equivalents; study {study_name!r} in {storage}")
+    start = time.perf_counter()
+    study_obj.optimize(objective, n_trials=trials, catch=(Exception,), callbacks=[progress],
+                       gc_after_trial=False)
+    best = _write_outputs(study_obj, out, base, metric)
+    logger.info(f"tuned in {time.perf_counter() - start:.1f} s; "
+                + (f"best {metric} {best['value']:.4g} (trial {best['trial']}) -> "
+                   f"{out / 'best.json'}" if best else "no completed trial"))
+    return best
