@@ -1,6 +1,8 @@
-"""The command line: ``evotorch-mqa-moe list | run | compare``.
+"""The command line: ``evotorch-mqa-moe list | run | compare | tune``.
 
-Also reachable as ``python -m evotorch_mqa_moe``.
+Also reachable as ``python -m evotorch_mqa_moe``. ``run`` and ``compare`` take
+``--config FILE`` (the ``best.json`` that ``tune`` writes): its settings apply
+unless an explicit flag gives another value.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ def _key_values(items: list[str] | None, what: str) -> dict[str, Any]:
     return result
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the ``None`` / ``False`` of unset options."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="evotorch-mqa-moe",
@@ -56,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="generations between held-out evaluations")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         p.add_argument("--quiet", action="store_true", help="warnings and errors only")
+        p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="settings from a best.json (written by `tune`): searcher, popsize, "
+                            "stdev, searcher/task options, model; explicit flags override")
 
     def budgets(p: argparse.ArgumentParser, *, generations: bool) -> None:
         if generations:
@@ -70,27 +84,84 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run one searcher on one task")
     common(r)
-    r.add_argument("--searcher", default="pgpe", help="a searcher name (see `list`)")
+    r.add_argument("--searcher", default=None,
+                   help="a searcher name (see `list`; default: --config's, else pgpe)")
     budgets(r, generations=True)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--checkpoint-every", type=int, default=10)
+    r.add_argument("--seed", type=int, default=0,
+                   help="seeds the problem, the searcher and the data stream")
+    r.add_argument("--checkpoint-every", type=int, default=10,
+                   help="generations between checkpoints (OUT/checkpoint.pt)")
     r.add_argument("--searcher-option", action="append", metavar="NAME=VALUE",
                    help="searcher option, e.g. lr=0.001 for adam or "
                         "center_learning_rate=0.1 for pgpe (repeatable)")
     r.add_argument("--lr", type=float, default=None,
                    help="shorthand for --searcher-option lr=LR (adam's learning rate)")
     r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (without it such a folder is refused)")
 
     c = sub.add_parser("compare", help="several searchers x seeds under one budget")
     common(c)
-    c.add_argument("--searchers", default="ga,cmaes,pgpe,snes,adam",
-                   help="comma-separated searcher names")
+    c.add_argument("--searchers", default=None,
+                   help="comma-separated searcher names (default: --config's searcher, "
+                        "else ga,cmaes,pgpe,snes,adam)")
     c.add_argument("--seeds", type=int, default=3, help="seeds per searcher (0..K-1)")
     budgets(c, generations=False)
     c.add_argument("--target", type=float, default=None,
                    help="held-out target for time-to-target (default: 90%% of the way "
                         "from chance to ceiling)")
+
+    t = sub.add_parser("tune", help="tune a searcher's hyperparameters with Optuna")
+    t.add_argument("task", help="a task name (see `list`)")
+    t.add_argument("--searcher", required=True, help="a searcher name (see `list`)")
+    t.add_argument("--trials", type=int, required=True,
+                   help="trials this process runs (added to the study if it exists)")
+    t.add_argument("--budget-evals", "--max-evals", dest="budget_evals", type=int,
+                   required=True, help="forward-equivalents per run (one run per seed)")
+    t.add_argument("--seeds", type=int, default=1,
+                   help="runs per trial, seeds 0..K-1; the trial's value is their mean")
+    t.add_argument("--storage", default=None,
+                   help="Optuna storage URL shared by all workers (default "
+                        "sqlite:///OUT/study.db; e.g. postgresql://... for many machines)")
+    t.add_argument("--study", default=None, help="study name (default TASK-SEARCHER)")
+    t.add_argument("--out", type=Path, default=None,
+                   help="output folder (default runs/tune/TASK-SEARCHER)")
+    t.add_argument("--task-option", action="append", metavar="NAME=VALUE",
+                   help="task option, e.g. seq_len=10 (repeatable)")
+    t.add_argument("--model", action="append", metavar="NAME=VALUE",
+                   help="model config change, e.g. embed_dim=32 (repeatable)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    t.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler")
+    t.add_argument("--eval-every", type=int, default=10,
+                   help="generations between held-out evaluations inside a run")
+    t.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    for parser in (ap, *sub.choices.values()):
+        parser.formatter_class = _HelpFormatter
     return ap
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    """Fill ``args`` from ``--config`` wherever no explicit flag gave a value."""
+    if getattr(args, "config", None) is None:
+        return
+    from .tune import load_config
+
+    cfg = load_config(args.config)  # ValueError naming the file and the bad key
+    if "task" in cfg and cfg["task"] != args.task:
+        logger.warning(f"--config {args.config} was tuned on {cfg['task']!r}; running "
+                       f"{args.task!r}")
+    if args.popsize is None:
+        args.popsize = cfg.get("popsize")
+    if args.stdev is None:
+        args.stdev = cfg.get("stdev")
+    # repeatable NAME=VALUE flags: the file's values first, explicit ones win
+    for flag, key in (("task_option", "task_options"), ("model", "model")):
+        given = getattr(args, flag) or []
+        setattr(args, flag, [f"{k}={json.dumps(v)}" for k, v in cfg.get(key, {}).items()]
+                + given)
+    args.config_searcher = cfg.get("searcher")
+    args.config_searcher_options = cfg.get("searcher_options", {})
 
 
 def _list() -> None:
@@ -123,11 +194,11 @@ def _validate_common(args: argparse.Namespace) -> None:
     if args.device != "cpu":
         import torch
 
-        try:
-            torch.empty(0, device=args.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ValueError(f"device {args.device!r} is not usable here: "
-                             f"{str(exc).splitlines()[0]}") from None
+        try:  # compute there and copy back: a meta device allocates but cannot do this
+            torch.ones(1, device=args.device).add(1).cpu()
+        except Exception as exc:  # noqa: BLE001 - any failure: one clear line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"device {args.device!r} is not usable here: {first}") from None
 
 
 def _check_popsize(searcher: str, popsize: int | None) -> None:
@@ -148,12 +219,21 @@ def _check_budgets(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     from .run import RunSettings, run
 
+    config_searcher = getattr(args, "config_searcher", None)
+    if args.searcher is None:
+        args.searcher = config_searcher or "pgpe"
     _check_popsize(args.searcher, args.popsize)
     _check_budgets(args)
     generations = args.generations
     if generations is None and args.max_evals is None and args.max_seconds is None:
         generations = DEFAULT_GENERATIONS
-    searcher_options = _key_values(args.searcher_option, "--searcher-option")
+    searcher_options = {}
+    if config_searcher == args.searcher:
+        searcher_options.update(getattr(args, "config_searcher_options", {}))
+    elif config_searcher is not None:
+        logger.warning(f"--config's searcher options are for {config_searcher!r}, not "
+                       f"{args.searcher!r}; left out")
+    searcher_options.update(_key_values(args.searcher_option, "--searcher-option"))
     if args.lr is not None:
         searcher_options["lr"] = args.lr
     settings = RunSettings(
@@ -163,7 +243,7 @@ def _run(args: argparse.Namespace) -> None:
         task_options=_key_values(args.task_option, "--task-option"),
         model=_key_values(args.model, "--model"), searcher_options=searcher_options,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every)
-    results = run(settings, args.out, resume=args.resume)
+    results = run(settings, args.out, resume=args.resume, overwrite=args.overwrite)
     metric = results["target_metric"]
     print(f"{args.task} / {args.searcher}: {metric} = {results['final_metrics'][metric]:.4g} "
           f"({results['parameters']:,} parameters, {results['evaluations']:,} "
@@ -175,7 +255,13 @@ def _compare(args: argparse.Namespace, command: str) -> None:
     from .compare import compare
 
     # compare() validates the searcher names and popsize before any run starts.
+    config_searcher = getattr(args, "config_searcher", None)
+    if args.searchers is None:
+        args.searchers = config_searcher or "ga,cmaes,pgpe,snes,adam"
     searchers = [s.strip() for s in args.searchers.split(",") if s.strip()]
+    searcher_options = {}
+    if config_searcher in searchers and getattr(args, "config_searcher_options", None):
+        searcher_options[config_searcher] = dict(args.config_searcher_options)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be positive, got {args.seeds}")
     _check_budgets(args)
@@ -186,7 +272,35 @@ def _compare(args: argparse.Namespace, command: str) -> None:
             device=args.device, stdev=args.stdev,
             target=args.target, task_options=_key_values(args.task_option, "--task-option"),
             model=_key_values(args.model, "--model"), eval_every=args.eval_every,
-            command=command)
+            searcher_options=searcher_options, command=command)
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from .tune import tune
+
+    if args.trials < 1:
+        raise ValueError(f"--trials must be positive, got {args.trials}")
+    if args.budget_evals < 1:
+        raise ValueError(f"--budget-evals must be positive, got {args.budget_evals}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be positive, got {args.seeds}")
+    out = args.out or Path("runs") / "tune" / f"{args.task}-{args.searcher}"
+    logger.disable("evotorch_mqa_moe.run")  # one line per trial, not per generation
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    best = tune(args.task, args.searcher, trials=args.trials, budget_evals=args.budget_evals,
+                seeds=args.seeds, storage=args.storage, study=args.study, out=out,
+                task_options=_key_values(args.task_option, "--task-option"),
+                model=_key_values(args.model, "--model"), threads=args.threads,
+                sampler_seed=args.sampler_seed, device=args.device,
+                eval_every=args.eval_every)
+    if best is None:
+        print(f"{args.task} / {args.searcher}: no completed trial yet; files in {out}")
+    else:
+        print(f"{args.task} / {args.searcher}: best {best['metric']} = {best['value']:.4g} "
+              f"(trial {best['trial']} of study {best['study']!r}); use it with "
+              f"`run {args.task} --config {out / 'best.json'}`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,18 +319,25 @@ def main(argv: list[str] | None = None) -> int:
             _list()
             return 0
         _validate_common(args)
+        if args.command == "tune":
+            _tune(args)
+            return 0
+        _apply_config(args)
         if args.command == "run":
             _run(args)
         else:
             _compare(args, "evotorch-mqa-moe " + shlex.join(sys.argv[1:] if argv is None
                                                             else argv))
-    except KeyboardInterrupt:
-        print("evotorch-mqa-moe: interrupted; checkpoint saved, continue with --resume",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        describe = getattr(exc, "describe", None)  # run.RunInterrupted knows what was saved
+        print(f"evotorch-mqa-moe: {describe() if describe else 'interrupted'}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"evotorch-mqa-moe: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a failed write (full disk, ...): one line, no traceback
+        print(f"evotorch-mqa-moe: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
