@@ -285,16 +285,20 @@ def _tune(args: argparse.Namespace) -> None:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be positive, got {args.seeds}")
     out = args.out or Path("runs") / "tune" / f"{args.task}-{args.searcher}"
-    logger.disable("evotorch_mqa_moe.run")  # one line per trial, not per generation
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    best = tune(args.task, args.searcher, trials=args.trials, budget_evals=args.budget_evals,
-                seeds=args.seeds, storage=args.storage, study=args.study, out=out,
-                task_options=_key_values(args.task_option, "--task-option"),
-                model=_key_values(args.model, "--model"), threads=args.threads,
-                sampler_seed=args.sampler_seed, device=args.device,
-                eval_every=args.eval_every)
+    logger.disable("evotorch_mqa_moe.run")  # one line per trial, not per generation
+    try:
+        best = tune(args.task, args.searcher, trials=args.trials,
+                    budget_evals=args.budget_evals, seeds=args.seeds, storage=args.storage,
+                    study=args.study, out=out,
+                    task_options=_key_values(args.task_option, "--task-option"),
+                    model=_key_values(args.model, "--model"), threads=args.threads,
+                    sampler_seed=args.sampler_seed, device=args.device,
+                    eval_every=args.eval_every)
+    finally:
+        logger.enable("evotorch_mqa_moe.run")
     if best is None:
         print(f"{args.task} / {args.searcher}: no completed trial yet; files in {out}")
     else:
