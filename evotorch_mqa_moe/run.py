@@ -59,7 +59,30 @@ CHECKPOINT_VERSION = 2  # 2: searcher state is the protocol's state_dict()
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """The run was stopped (Ctrl-C / SIGTERM) after saving a checkpoint."""
+    """The run was stopped (Ctrl-C / SIGTERM).
+
+    Attributes:
+        checkpoint: the checkpoint to resume from (``None`` when the run stopped
+            before its first checkpoint).
+        saved: whether a checkpoint was saved at the stop (first signal); False
+            when the run stopped at once (second signal) and only the last periodic
+            checkpoint, if any, is kept.
+    """
+
+    def __init__(self, message: str = "", *, checkpoint: Path | None = None,
+                 saved: bool = False):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.saved = saved
+
+    def describe(self) -> str:
+        """One line for the user: what was saved and how to continue."""
+        if self.saved:
+            return f"interrupted; checkpoint saved to {self.checkpoint}, continue with --resume"
+        if self.checkpoint is not None:
+            return (f"interrupted during a generation; no new checkpoint saved, the last "
+                    f"periodic one ({self.checkpoint}) is kept, continue with --resume")
+        return "interrupted before the first checkpoint; nothing saved"
 
 
 @dataclass
@@ -143,14 +166,73 @@ def versions() -> dict[str, str]:
             "evotorch_mqa_moe": __version__, "platform": platform.platform()}
 
 
+def resolved_settings(settings: RunSettings) -> dict[str, Any]:
+    """What ``settings``' names resolve to in this version: the searcher's popsize and
+    stdev (its spec's defaults when not given) and the package version.
+
+    Recorded in the checkpoint; a resume whose resolved popsize / stdev differ (the
+    defaults changed in an upgrade) is refused.
+    """
+    from . import __version__
+
+    spec = get_spec(settings.searcher)
+    return {"popsize": spec.default_popsize if settings.popsize is None else settings.popsize,
+            "stdev": spec.default_stdev if settings.stdev is None else settings.stdev,
+            "evotorch_mqa_moe": __version__}
+
+
+# bytes per population element: the population, its sampled noise / offspring and a
+# working copy (3 copies of popsize x N values)
+_POPULATION_COPIES = 3
+
+
+def _available_memory(device: torch.device) -> int:
+    """Bytes of memory on ``device`` (total GPU memory, or the host's physical memory)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 2**63
+
+
+def check_population_memory(popsize: int, num_parameters: int, dtype: torch.dtype,
+                            device: str | torch.device) -> None:
+    """Refuse, before allocating, a population that cannot fit in ``device``'s memory.
+
+    Needs about ``popsize x num_parameters x element size x 3`` bytes (population,
+    noise / offspring, a working copy).
+
+    Raises:
+        ValueError: naming the memory the population needs and what the device has.
+    """
+    device = torch.device(device)
+    need = popsize * num_parameters * torch.empty(0, dtype=dtype).element_size()
+    need *= _POPULATION_COPIES
+    have = _available_memory(device)
+    if need > have:
+        raise ValueError(f"popsize {popsize:,} needs about {need / 2**30:,.1f} GiB for the "
+                         f"population ({popsize:,} x {num_parameters:,} parameters x "
+                         f"{torch.empty(0, dtype=dtype).element_size()} bytes x "
+                         f"{_POPULATION_COPIES} copies); {device.type} has "
+                         f"{have / 2**30:,.1f} GiB")
+
+
 def _build(settings: RunSettings):
     from .problems import make_task
 
     task = make_task(settings.task, **settings.task_options)
     config = task.default_config()
     if settings.model:
+        valid = [f.name for f in dataclasses.fields(TransformerConfig)]
+        unknown = sorted(set(settings.model) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown model field(s) {', '.join(map(repr, unknown))}; "
+                             f"TransformerConfig fields: {', '.join(valid)}")
         config = config.replace(**settings.model)
     problem = TransformerProblem(task, config, seed=settings.seed, device=settings.device)
+    check_population_memory(resolved_settings(settings)["popsize"], problem.solution_length,
+                            problem.dtype, settings.device)
     searcher = make_searcher(settings.searcher, problem, popsize=settings.popsize,
                              stdev=settings.stdev, **settings.searcher_options)
     return task, config, problem, searcher
@@ -169,24 +251,140 @@ def _stop_reason(settings: RunSettings, generations: int, evaluations: int,
     return None
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` atomically.
+
+    On failure (a full disk, ...) the temporary file is removed, ``path`` is left
+    as it was, and an ``OSError`` naming ``path`` is raised.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise OSError(exc.errno, f"could not write {path} ({reason}); "
+                                 f"the previous file, if any, is kept") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    with _replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_write(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_history(history: list[dict], path: Path) -> None:
     import pandas as pd
 
-    tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame(history).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+_CHECKPOINT_KEYS = {"version": int, "settings": dict, "config": dict, "searcher": dict,
+                    "history": list, "elapsed": float}
+RUN_FILES = ("checkpoint.pt", "history.csv", "results.json", "best_model.pt")
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """``path`` loaded (``weights_only=True``) and checked for the keys and types of a
+    checkpoint; ValueError naming ``path`` and what is wrong otherwise."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty, not a checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{first[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint: it holds a {type(ckpt).__name__}, "
+                         "not a dict")
+    missing = sorted(set(_CHECKPOINT_KEYS) - set(ckpt))
+    if missing:
+        raise ValueError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
+    if ckpt["version"] != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is a checkpoint of version {ckpt['version']!r}; this "
+                         f"version reads {CHECKPOINT_VERSION}")
+    for key, kind in _CHECKPOINT_KEYS.items():
+        value = ckpt[key]
+        ok = (isinstance(value, int | float) and not isinstance(value, bool)
+              if kind is float else isinstance(value, kind))
+        if not ok:
+            raise ValueError(f"{path}: {key!r} is a {type(value).__name__}, expected a "
+                             f"{kind.__name__}")
+    if not all(isinstance(row, dict) for row in ckpt["history"]):
+        raise ValueError(f"{path}: 'history' must be a list of dicts")
+    if "resolved" in ckpt and not isinstance(ckpt["resolved"], dict):
+        raise ValueError(f"{path}: 'resolved' is a {type(ckpt['resolved']).__name__}, "
+                         "expected a dict")
+    return ckpt
+
+
+def _differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """``["name: checkpoint X, this run Y", ...]`` for the keys whose values differ."""
+    missing = object()
+    return [f"{k}: checkpoint {theirs.get(k, missing)!r}, this run {ours.get(k, missing)!r}"
+            .replace(repr(missing), "(absent)")
+            for k in sorted(set(theirs) | set(ours), key=str)
+            if theirs.get(k, missing) != ours.get(k, missing)]
+
+
+def _check_resumable(path: Path, ckpt: dict[str, Any], settings: RunSettings,
+                     config: TransformerConfig) -> None:
+    """ValueError naming what differs between the checkpoint and this run."""
+    recorded = ckpt.get("resolved")
+    # with resolved values recorded, popsize / stdev are compared as resolved (so a
+    # default given explicitly matches the same default left unset)
+    skip = {"popsize", "stdev"} if recorded is not None else set()
+    diffs = _differences({k: v for k, v in ckpt["settings"].items() if k not in skip},
+                         {k: v for k, v in settings.identity().items() if k not in skip})
+    diffs += [f"model.{d}" for d in _differences(ckpt["config"], config.to_dict())]
+    if diffs:
+        raise ValueError(f"{path} was written by other settings: {'; '.join(diffs)}")
+    resolved = resolved_settings(settings)
+    if recorded is None:
+        logger.warning(f"{path} does not record its resolved popsize/stdev (written by an "
+                       f"older version); resuming with this version's: {resolved}")
+    else:
+        diffs = _differences({k: v for k, v in recorded.items() if k != "evotorch_mqa_moe"},
+                             {k: v for k, v in resolved.items() if k != "evotorch_mqa_moe"})
+        if diffs:
+            raise ValueError(f"{path} was written with other resolved searcher settings "
+                             f"(the defaults changed?): {'; '.join(diffs)}; give them "
+                             "explicitly (--popsize / --stdev) to resume")
+        if recorded.get("evotorch_mqa_moe") != resolved["evotorch_mqa_moe"]:
+            logger.warning(f"{path} was written by evotorch_mqa_moe "
+                           f"{recorded.get('evotorch_mqa_moe')}, resuming with "
+                           f"{resolved['evotorch_mqa_moe']}")
+    done = len(ckpt["history"])
+    if settings.generations is not None and done > settings.generations:
+        raise ValueError(f"{path} is at generation {done}, beyond --generations "
+                         f"{settings.generations}; give at least {done} to resume")
+
+
+def _check_finite(path: Path, searcher: Any) -> None:
+    """Refuse a resumed searcher whose solution or population is not finite."""
+    solution = searcher.current_solution()
+    if not bool(torch.isfinite(solution).all()):
+        raise ValueError(f"{path} holds a non-finite solution (NaN/inf in its centre / best); "
+                         "refusing to resume from it")
+    try:  # public SearchAlgorithm.population (GA, CMA-ES, distribution searchers)
+        values = searcher.algorithm.population.values
+    except Exception:  # noqa: BLE001 - searchers without a population (adam, ...)
+        values = None
+    if (isinstance(values, torch.Tensor) and values.is_floating_point()
+            and not bool(torch.isfinite(values).all())):
+        raise ValueError(f"{path} holds a population with NaN/inf values; refusing to "
+                         "resume from it")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> MQAMoETransformer:
@@ -225,39 +423,69 @@ def _stop_at_generation_end() -> Iterator[dict[str, Any]]:
             signal.signal(sig, old)
 
 
-def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
+def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
+        overwrite: bool = False) -> dict[str, Any]:
     """Run ``settings`` writing to folder ``out``; returns what ``results.json`` holds.
+
+    Args:
+        settings: what to run.
+        out: the output folder (created if missing).
+        resume: continue from ``out/checkpoint.pt``.
+        overwrite: start afresh in a folder that already holds a run (its run files
+            are deleted first); without it such a folder is refused.
 
     Raises:
         FileNotFoundError: ``resume`` without ``out/checkpoint.pt``.
-        ValueError: the checkpoint belongs to other settings (task, model, searcher, seed).
-        RunInterrupted: Ctrl-C / SIGTERM, after the checkpoint was saved.
+        FileExistsError: ``out`` holds a run, without ``resume`` or ``overwrite``.
+        ValueError: ``out`` is not a usable folder; the checkpoint is unreadable,
+            incomplete, not finite, beyond ``settings.generations``, or belongs to
+            other settings (the message names the fields that differ).
+        OSError: a file could not be written (its ``.tmp`` is removed).
+        RunInterrupted: Ctrl-C / SIGTERM (see its ``saved`` / ``checkpoint``).
     """
     out = Path(out)
     checkpoint_path = out / "checkpoint.pt"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file, not a folder")
     if resume and not checkpoint_path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume at {checkpoint_path}")
-    out.mkdir(parents=True, exist_ok=True)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not resume:
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}); "
+                                  "continue it with --resume or replace it with --overwrite")
+        for name in existing:
+            (out / name).unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create output folder {out}: "
+                         f"{exc.strerror or type(exc).__name__}") from None
     task, config, problem, searcher = _build(settings)
     history: list[dict[str, Any]] = []
     elapsed = 0.0
+    resolved = resolved_settings(settings)
     if resume:
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{checkpoint_path} is not a checkpoint of this version")
-        if ckpt["settings"] != settings.identity() or ckpt["config"] != config.to_dict():
-            theirs = {k: v for k, v in ckpt["settings"].items() if settings.identity()[k] != v}
-            raise ValueError(f"{checkpoint_path} was written by other settings: {theirs or 'model'}"
-                             f" (this run: task={settings.task!r}, searcher={settings.searcher!r})")
-        searcher.load_state_dict(ckpt["searcher"])
-        history, elapsed = ckpt["history"], ckpt["elapsed"]
+        ckpt = _load_checkpoint(checkpoint_path)
+        _check_resumable(checkpoint_path, ckpt, settings, config)
+        try:
+            searcher.load_state_dict(ckpt["searcher"])
+        except (KeyError, TypeError, RuntimeError, IndexError) as exc:
+            raise ValueError(f"{checkpoint_path}: the searcher state does not fit this "
+                             f"searcher ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        _check_finite(checkpoint_path, searcher)
+        history, elapsed = ckpt["history"], float(ckpt["elapsed"])
         logger.info(f"resumed {settings.task}/{settings.searcher} at generation {len(history)}")
+    saved = {"any": checkpoint_path.is_file()}
 
     def save_checkpoint() -> None:
         _atomic_save({"version": CHECKPOINT_VERSION, "settings": settings.identity(),
+                      "resolved": resolved,
                       "config": config.to_dict(), "searcher": searcher.state_dict(),
                       "history": history,
                       "elapsed": elapsed}, checkpoint_path)
+        saved["any"] = True
         _write_history(history, out / "history.csv")
 
     def done(gen: int) -> tuple[str, str] | None:
@@ -296,14 +524,16 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False) -> dict
                 if stop["signal"] is not None:
                     logger.warning(f"interrupted at generation {gen}; checkpoint saved to "
                                    f"{checkpoint_path}; continue with resume")
-                    raise RunInterrupted(f"signal {stop['signal']}")
+                    raise RunInterrupted(f"signal {stop['signal']}",
+                                         checkpoint=checkpoint_path, saved=True)
     except RunInterrupted:
         raise
     except KeyboardInterrupt as exc:
         # Mid-step: the searcher may be half updated, so its state is not saved.
-        logger.warning(f"interrupted during a generation; the last periodic checkpoint "
-                       f"({checkpoint_path}) is kept; continue with resume")
-        raise RunInterrupted(str(exc)) from None
+        interrupted = RunInterrupted(str(exc), saved=False,
+                                     checkpoint=checkpoint_path if saved["any"] else None)
+        logger.warning(interrupted.describe())
+        raise interrupted from None
     save_checkpoint()
     limit, why = done(len(history)) or ("unknown", "")
     logger.info(f"stopped by {limit}: {why}")

@@ -113,6 +113,13 @@ def _decode(current: Any, saved: Any, path: str = "") -> Any:
         base = current if isinstance(current, dict) else {}
         return {**base, **{k: _decode(base.get(k), v, f"{path}.{k}") for k, v in saved.items()}}
     if isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor):
+        if saved.shape != current.shape and current.numel() > 0:
+            raise ValueError(f"checkpoint holds a tensor of shape {tuple(saved.shape)} at "
+                             f"{path or '.'}, but the rebuilt searcher has shape "
+                             f"{tuple(current.shape)} there; was it built with other settings?")
+        if saved.dtype != current.dtype:
+            raise ValueError(f"checkpoint holds a {saved.dtype} tensor at {path or '.'}, "
+                             f"but the rebuilt searcher has a {current.dtype} there")
         return saved.to(current.device).as_subclass(type(current))
     return saved
 
