@@ -88,17 +88,32 @@ def trial_settings(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _open_study(storage: str, study: str, sampler_seed: int):
+    """Create or load ``study`` in ``storage``; ValueError (one line) if it cannot be opened.
+
+    SQLite files get a 60 s lock timeout (workers writing at once wait rather than fail),
+    and a race of workers creating the same fresh database is retried.
+    """
     import optuna
 
-    try:
-        return optuna.create_study(
-            storage=storage, study_name=study, direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-            pruner=optuna.pruners.MedianPruner())
-    except Exception as exc:  # sqlalchemy / driver errors of many kinds
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"cannot open storage {storage!r}: {type(exc).__name__}: "
-                         f"{first}") from None
+    for attempt in range(5):
+        try:
+            rdb: Any = storage
+            if storage.startswith("sqlite:"):
+                rdb = optuna.storages.RDBStorage(
+                    storage, engine_kwargs={"connect_args": {"timeout": 60}})
+            return optuna.create_study(
+                storage=rdb, study_name=study, direction="maximize", load_if_exists=True,
+                sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+                pruner=optuna.pruners.MedianPruner())
+        except Exception as exc:  # sqlalchemy / driver errors of many kinds
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if attempt < 4 and any(s in first for s in ("already exists", "locked",
+                                                          "UNIQUE constraint")):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise ValueError(f"cannot open storage {storage!r}: {type(exc).__name__}: "
+                             f"{first}") from None
+    raise AssertionError("unreachable")
 
 
 def _checkpoints(budget_evals: int, pieces: int) -> list[int]:
