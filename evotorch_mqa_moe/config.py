@@ -10,6 +10,7 @@ POSITIONAL = ("learned", "sinusoidal", "both", "none")
 NORMS = ("pre", "post")
 POOLINGS = (None, "mean", "first", "last")
 ACTIVATIONS = ("gelu", "relu")
+GATINGS = ("linear", "attention")
 
 MAX_SEQ_LEN = 16384
 """Largest ``max_seq_len`` a config accepts. Attention here is dense: one float32
@@ -59,6 +60,13 @@ class TransformerConfig:
             GELU's cost on the widest tensor, and it learned the example problems as
             well) or ``"gelu"``.
         norm_eps: LayerNorm epsilon, a finite positive number.
+        gating: how the mixture-of-experts gate computes its logits.
+            ``"linear"`` (default, the seed's): a linear map of each token alone.
+            ``"attention"``: the linear logits of every token, mixed over the
+            sequence by a small single-head attention (query/key width
+            ``head_dim``, causal when ``causal``) and added to the token's own,
+            so routing depends on context (adds ``D * 2 hd + 2 hd`` parameters
+            per layer). Either works with the dense gate and with ``top_k``.
     """
 
     vocab_size: int | None = None
@@ -78,6 +86,7 @@ class TransformerConfig:
     pooling: str | None = None
     activation: str = "relu"
     norm_eps: float = 1e-5
+    gating: str = "linear"
 
     def __post_init__(self) -> None:
         if (self.vocab_size is None) == (self.input_dim is None):
@@ -117,7 +126,8 @@ class TransformerConfig:
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
         for name, allowed in (("positional", POSITIONAL), ("norm", NORMS),
-                              ("pooling", POOLINGS), ("activation", ACTIVATIONS)):
+                              ("pooling", POOLINGS), ("activation", ACTIVATIONS),
+                              ("gating", GATINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if (isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float))

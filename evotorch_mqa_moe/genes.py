@@ -15,7 +15,9 @@ neuron's incoming weights are a *column*):
     one neuron's incoming weights and its bias entry: column ``j`` of a linear
     weight with entry ``j`` of its bias (vector-input embedding, fused Q/K/V
     projection: one group per output column, attention output projection, MoE
-    gate: one per expert logit, output head); for the experts' first layer
+    gate: one per expert logit, the attention gate's query/key projection
+    ``gate_qk_weight``/``gate_qk_bias`` (``gating="attention"``): one per
+    column, output head); for the experts' first layer
     ``in_weight[:, e, f]`` with ``in_bias[e, f]`` (hidden unit ``f`` of expert
     ``e``), for their second layer ``out_weight[e, :, d]`` with
     ``out_bias[e, d]`` (output ``d`` of expert ``e``); a token embedding's row
@@ -32,7 +34,9 @@ neuron's incoming weights are a *column*):
 ``"expert"``
     per layer, expert ``e``: ``in_weight[:, e, :]``, ``in_bias[e]``,
     ``out_weight[e]``, ``out_bias[e]`` and its gate logit, ``gate_weight[:, e]`` and
-    ``gate_bias[e]``. Every other gene is grouped per parameter tensor.
+    ``gate_bias[e]``. Every other gene is grouped per parameter tensor (so the
+    attention gate's ``gate_qk_weight`` and ``gate_qk_bias``, which serve all
+    experts, are a group each).
 ``"tensor"``
     each parameter tensor (each entry of ``parameter_layout``) one group.
 ``"layer"``
@@ -128,6 +132,8 @@ def _expert_level(
         base = ids(f"{module}.experts", E)
         if leaf in ("gate_weight", "gate_bias"):  # (D, E) / (E,): expert = last index
             return base + _columns(shape)
+        if leaf in ("gate_qk_weight", "gate_qk_bias"):  # attention gating: shared by all experts
+            return ids(name, 1) + torch.zeros(shape, dtype=torch.int64)
         if leaf in ("in_weight",):  # (D, E, F)
             return base + torch.arange(E).view(1, E, 1).expand(shape)
         return base + _rows(shape)  # in_bias (E, F), out_weight (E, F, D), out_bias (E, D)

@@ -26,6 +26,8 @@ from .config import TransformerConfig
 __all__ = [
     "MultiQueryAttention",
     "MixtureOfExperts",
+    "gate_logits",
+    "moe_gates",
     "EncoderLayer",
     "MQAMoETransformer",
     "PopulationModel",
@@ -155,6 +157,53 @@ def gate_weights(logits: Tensor, top_k: int | None) -> Tensor:
     return torch.zeros_like(logits).scatter_(-1, index, top.softmax(dim=-1))
 
 
+def gate_logits(
+    x: Tensor,
+    w_gate: Tensor,
+    b_gate: Tensor,
+    config: TransformerConfig,
+    batch: int | None = None,
+    w_gate_qk: Tensor | None = None,
+    b_gate_qk: Tensor | None = None,
+) -> Tensor:
+    """Gate logits (*lead, M, E) of token rows x (*lead, M, D), M = batch * T.
+
+    ``config.gating == "linear"``: ``x @ w_gate + b_gate``, each token alone.
+    ``"attention"``: those linear logits ``v`` (M, E) plus their mix over the
+    token's sequence, ``v + softmax(q k^T / sqrt(hd)) v`` with ``q, k`` from
+    ``x @ w_gate_qk + b_gate_qk`` ((D, 2 hd), (2 hd,): query columns first), one
+    head, causal when ``config.causal``: routing then depends on context.
+    ``batch`` (B) is needed for attention gating only.
+    """
+    logits = linear(x, w_gate, b_gate)  # (*lead, M, E)
+    if config.gating == "linear":
+        return logits
+    if w_gate_qk is None or b_gate_qk is None or batch is None:
+        raise ValueError("gating='attention' needs w_gate_qk, b_gate_qk and batch")
+    lead, M, E = x.shape[:-2], x.shape[-2], logits.shape[-1]
+    T, dg = M // batch, w_gate_qk.shape[-1] // 2
+    q, k = linear(x, w_gate_qk, b_gate_qk).view(-1, T, 2, dg).unbind(-2)  # (lead*B, T, dg)
+    bias = _score_bias(T, 1, config.causal, x.device, x.dtype)  # (T, T)
+    scores = torch.baddbmm(bias, q, k.transpose(-1, -2), alpha=dg**-0.5)  # (lead*B, T, T)
+    context = torch.bmm(scores.softmax(dim=-1), logits.reshape(-1, T, E))  # (lead*B, T, E)
+    return logits + context.view(*lead, M, E)
+
+
+def moe_gates(
+    x: Tensor,
+    w_gate: Tensor,
+    b_gate: Tensor,
+    config: TransformerConfig,
+    batch: int | None = None,
+    w_gate_qk: Tensor | None = None,
+    b_gate_qk: Tensor | None = None,
+) -> Tensor:
+    """Expert weights (*lead, M, E) of token rows (*lead, M, D): :func:`gate_logits`, then
+    the dense softmax or the top-k softmax (:func:`gate_weights`). Rows sum to 1."""
+    return gate_weights(gate_logits(x, w_gate, b_gate, config, batch, w_gate_qk, b_gate_qk),
+                        config.top_k)
+
+
 def mixture_of_experts(
     x: Tensor,
     w_gate: Tensor,
@@ -164,12 +213,18 @@ def mixture_of_experts(
     w_out: Tensor,
     b_out: Tensor,
     config: TransformerConfig,
+    batch: int | None = None,
+    w_gate_qk: Tensor | None = None,
+    b_gate_qk: Tensor | None = None,
 ) -> Tensor:
     """Gated mixture of expert MLPs on token rows.
 
     Args:
-        x: (M, D) or (P, M, D).
+        x: (M, D) or (P, M, D), M = batch * T.
         w_gate, b_gate: (D, E), (E,).
+        batch, w_gate_qk, b_gate_qk: B and the gate's query/key projection
+            (D, 2 hd), (2 hd,), for ``config.gating == "attention"`` only
+            (see :func:`gate_logits`).
         w_in, b_in: (D, E, F), (E, F): input dim first, so all experts'
             first layers run as one (M, D) x (D, E*F) GEMM.
         w_out, b_out: (E, F, D), (E, D): the second layers, run as one
@@ -184,7 +239,7 @@ def mixture_of_experts(
     E, Fd, D = config.num_experts, config.expert_dim, config.embed_dim
     lead = x.shape[:-2]
     M = x.shape[-2]
-    gates = gate_weights(linear(x, w_gate, b_gate), config.top_k)  # (*lead, M, E)
+    gates = moe_gates(x, w_gate, b_gate, config, batch, w_gate_qk, b_gate_qk)  # (*lead, M, E)
     # The bias rides in the GEMM as an extra input row against a ones column:
     # cheaper than broadcasting it into the wide (M, E*F) output first.
     ones = torch.ones(*lead, M, 1, device=x.device, dtype=x.dtype)
@@ -216,7 +271,8 @@ def sinusoidal_positions(seq_len: int, dim: int, device=None, dtype=None) -> Ten
 
 
 def transformer_forward(
-    config: TransformerConfig, weights: Mapping[str, Tensor], inputs: Tensor
+    config: TransformerConfig, weights: Mapping[str, Tensor], inputs: Tensor,
+    *, gates: list[Tensor] | None = None,
 ) -> Tensor:
     """The whole network on validated inputs.
 
@@ -225,6 +281,7 @@ def transformer_forward(
             each with no leading axis (one network) or a leading population axis P.
         inputs: tokens (B, T) or (P, B, T); vectors (B, T, I) or (P, B, T, I);
             a leading P only when the weights have one.
+        gates: if a list, each layer appends its expert weights (*lead, B*T, E).
     Returns:
         (B, T, O), or (B, O) when pooled, with the weights' leading P in front.
     """
@@ -258,7 +315,7 @@ def transformer_forward(
     for i in range(c.num_layers):
         prefix = f"layers.{i}."
         w = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-        x = encoder_layer(x, w, c, B)
+        x = encoder_layer(x, w, c, B, gates)
     if c.norm == "pre":
         x = layer_norm(x, weights["final_norm.weight"], weights["final_norm.bias"], c.norm_eps)
     # --- pooling and head
@@ -273,17 +330,24 @@ def transformer_forward(
     return out.view(*lead, B, T, c.output_dim)
 
 
-def encoder_layer(x: Tensor, w: Mapping[str, Tensor], c: TransformerConfig, batch: int) -> Tensor:
-    """One encoder layer (attention + mixture of experts) on token rows (*lead, M, D)."""
+def encoder_layer(x: Tensor, w: Mapping[str, Tensor], c: TransformerConfig, batch: int,
+                  gates: list[Tensor] | None = None) -> Tensor:
+    """One encoder layer (attention + mixture of experts) on token rows (*lead, M, D).
+
+    ``gates``: if a list, the layer appends its expert weights (*lead, M, E) to it."""
 
     def attn(h: Tensor) -> Tensor:
         return attention(h, w["attn.qkv_weight"], w["attn.qkv_bias"], w["attn.out_weight"],
                          w["attn.out_bias"], c, batch)
 
     def moe(h: Tensor) -> Tensor:
+        if gates is not None:
+            gates.append(moe_gates(h, w["moe.gate_weight"], w["moe.gate_bias"], c, batch,
+                                   w.get("moe.gate_qk_weight"), w.get("moe.gate_qk_bias")))
         return mixture_of_experts(h, w["moe.gate_weight"], w["moe.gate_bias"],
                                   w["moe.in_weight"], w["moe.in_bias"], w["moe.out_weight"],
-                                  w["moe.out_bias"], c)
+                                  w["moe.out_bias"], c, batch, w.get("moe.gate_qk_weight"),
+                                  w.get("moe.gate_qk_bias"))
 
     def norm(h: Tensor, which: str) -> Tensor:
         return layer_norm(h, w[f"{which}.weight"], w[f"{which}.bias"], c.norm_eps)
@@ -378,8 +442,11 @@ class MultiQueryAttention(_Initialised):
 class MixtureOfExperts(_Initialised):
     """A softmax gate (dense or top-k) over ``num_experts`` two-layer MLPs, per token.
 
-    Parameters: ``gate_weight`` (D, E), ``gate_bias`` (E,), ``in_weight`` (D, E, F),
-    ``in_bias`` (E, F), ``out_weight`` (E, F, D), ``out_bias`` (E, D).
+    Parameters: ``gate_weight`` (D, E), ``gate_bias`` (E,), then, with
+    ``config.gating == "attention"`` only, ``gate_qk_weight`` (D, 2 hd) and
+    ``gate_qk_bias`` (2 hd,) (the gate's query/key projection, see
+    :func:`gate_logits`), then ``in_weight`` (D, E, F), ``in_bias`` (E, F),
+    ``out_weight`` (E, F, D), ``out_bias`` (E, D).
     Input and output: (B, T, D).
     """
 
@@ -390,6 +457,10 @@ class MixtureOfExperts(_Initialised):
         kw = dict(device=device, dtype=dtype)
         self.gate_weight = _param(D, E, init=_fan_in(D), **kw)
         self.gate_bias = _param(E, init=_fan_in(D), **kw)
+        if config.gating == "attention":
+            width = 2 * config.head_dim
+            self.gate_qk_weight = _param(D, width, init=_fan_in(D), **kw)
+            self.gate_qk_bias = _param(width, init=_fan_in(D), **kw)
         self.in_weight = _param(D, E, Fd, init=_fan_in(D), **kw)
         self.in_bias = _param(E, Fd, init=_fan_in(D), **kw)
         self.out_weight = _param(E, Fd, D, init=_fan_in(Fd), **kw)
@@ -400,8 +471,17 @@ class MixtureOfExperts(_Initialised):
         B, T, D = x.shape
         y = mixture_of_experts(x.reshape(B * T, D), self.gate_weight, self.gate_bias,
                                self.in_weight, self.in_bias, self.out_weight, self.out_bias,
-                               self.config)
+                               self.config, B, *self._gate_qk())
         return y.view(B, T, D)
+
+    def _gate_qk(self) -> tuple[Tensor | None, Tensor | None]:
+        return getattr(self, "gate_qk_weight", None), getattr(self, "gate_qk_bias", None)
+
+    def gates(self, x: Tensor) -> Tensor:
+        """Expert weights (B, T, E) this block gives the tokens of its input x (B, T, D)."""
+        B, T, D = x.shape
+        return moe_gates(x.reshape(B * T, D), self.gate_weight, self.gate_bias, self.config, B,
+                         *self._gate_qk()).view(B, T, -1)
 
 
 class EncoderLayer(_Initialised):
@@ -476,6 +556,17 @@ class MQAMoETransformer(_Initialised):
         if self.config.token_inputs:
             inputs = _as_index(inputs)
         return transformer_forward(self.config, dict(self.named_parameters()), inputs)
+
+    def routing(self, inputs: Tensor) -> Tensor:
+        """Expert weights (num_layers, B, T, E) every layer's gate gives each token of
+        ``inputs`` (tokens (B, T) or vectors (B, T, I)); rows sum to 1."""
+        check_inputs(self.config, inputs, popsize=None)
+        if self.config.token_inputs:
+            inputs = _as_index(inputs)
+        gates: list[Tensor] = []
+        transformer_forward(self.config, dict(self.named_parameters()), inputs, gates=gates)
+        B, T = inputs.shape[:2]
+        return torch.stack(gates).view(self.config.num_layers, B, T, -1)
 
 
 # ----------------------------------------------------------------------------
@@ -612,7 +703,8 @@ def _bytes_per_individual(config: TransformerConfig, rows: int, element_size: in
     * mixture of experts: residual, LayerNorm, the input with a ones column and
       the expert output ``(M, D)`` each (plus the gate-weighted biases ``(M, D)``),
       gate logits and weights ``(M, E)``, the expert hidden units ``(M, E F)``
-      (twice for GELU, which is not applied in place);
+      (twice for GELU, which is not applied in place); attention gating adds its
+      query/key ``(M, 2 hd)``, scores and softmax ``(B, T, T)`` and context ``(M, E)``;
     * the head: residual, final LayerNorm ``(M, D)`` and the outputs ``(M, O)``.
 
     The peak is the largest of the three; the chunk's outputs ``(M, O)``, kept
@@ -629,6 +721,8 @@ def _bytes_per_individual(config: TransformerConfig, rows: int, element_size: in
     attn = 3 * M * D + qkv + M * H * hd + 2 * scores + (qkv + M * H * hd if K > 1 else 0)
     gates = M * E * (2 if c.top_k is None else 5)  # top-k: values, int64 indices, scatter
     hidden = M * E * Fd * (2 if c.activation == "gelu" else 1)
+    if c.gating == "attention":  # gate query/key, (B, T, T) scores and softmax, context
+        gates += M * 2 * hd + 2 * B * T * T + 2 * M * E
     moe = M * (5 * D + 2) + gates + hidden
     head = M * (2 * D + O)
     outputs = M * O

@@ -23,6 +23,11 @@ CONFIGS = {
         **{**BASE, "vocab_size": None, "num_layers": 1}, input_dim=4, output_dim=2,
         positional="none", pooling="first", top_k=1,
     ),
+    "attention-gating": TransformerConfig(**BASE, gating="attention"),
+    "attention-gating-gqa-topk-causal-post": TransformerConfig(
+        **{**BASE, "num_kv_heads": 2}, gating="attention", top_k=2, causal=True, norm="post",
+        positional="learned",
+    ),
 }
 
 
@@ -111,6 +116,8 @@ def test_row_groups_are_neurons_with_their_bias(name):
     if "pos_embed" in v:
         units += [[v["pos_embed"][t]] for t in range(c.max_seq_len)]
     linear = ["attn.qkv", "attn.out", "moe.gate"]
+    if c.gating == "attention":
+        linear.append("moe.gate_qk")  # the gate's query/key projection: one unit per column
     for i in range(c.num_layers):
         p = f"layers.{i}."
         for stem in linear:
@@ -165,9 +172,11 @@ def test_expert_groups_hold_each_experts_weights_and_gate(name):
                           v[p + "out_bias"][e], v[p + "gate_weight"][:, e], v[p + "gate_bias"][e]])
         moe |= {p + s for s in ("in_weight", "in_bias", "out_weight", "out_bias", "gate_weight",
                                 "gate_bias")}
-    units += [[t] for name, t in v.items() if name not in moe]
+    units += [[t] for name, t in v.items() if name not in moe]  # incl. the gate's gate_qk_*
     _check_units(units, count)
     assert len(units) == len(count)
+    if c.gating == "attention":
+        assert any(name.endswith("gate_qk_weight") for name in v)
     D, F = c.embed_dim, c.expert_dim
     expert_size = D * F + F + F * D + D + D + 1
     assert int((count == expert_size).sum()) >= c.num_layers * c.num_experts
