@@ -26,6 +26,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "addition": (".addition", "AdditionTask"),
     "majority": (".majority", "MajorityTask"),
     "language": (".language", "LanguageTask"),
+    "multitask": (".multitask", "MultitaskTask"),
     "cartpole": (".cartpole", "CartPoleTask"),
 }
 

@@ -30,7 +30,7 @@ CASES = {
     "language-markov": ("language", {}),
     "language-text": ("language", {"source": "text", "test_size": 128}),
 }
-OWN = ["reverse", "sort", "addition", "majority", "language"]
+OWN = ["reverse", "sort", "addition", "majority", "language", "multitask"]
 HAS_CARTPOLE = importlib.util.find_spec("evotorch_mqa_moe.problems.cartpole") is not None
 ROOT = Path(__file__).resolve().parents[1]
 
