@@ -80,8 +80,8 @@ class RunInterrupted(KeyboardInterrupt):
         if self.saved:
             return f"interrupted; checkpoint saved to {self.checkpoint}, continue with --resume"
         if self.checkpoint is not None:
-            return (f"interrupted during a generation; no new checkpoint saved, the last "
-                    f"periodic one ({self.checkpoint}) is kept, continue with --resume")
+            return (f"interrupted during a generation; nothing new was saved, the last "
+                    f"periodic checkpoint ({self.checkpoint}) is kept, continue with --resume")
         return "interrupted before the first checkpoint; nothing saved"
 
 

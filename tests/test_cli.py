@@ -162,7 +162,7 @@ def test_generations_default_only_without_another_limit(tmp_path, monkeypatch, b
     """The settings `run` receives: 100 generations only when no limit at all is given."""
     import evotorch_mqa_moe.run as run_module
 
-    def fake_run(settings, out, resume=False):
+    def fake_run(settings, out, resume=False, overwrite=False):
         raise _Settings(settings)
 
     monkeypatch.setattr(run_module, "run", fake_run)
@@ -357,3 +357,235 @@ def test_subprocess_bad_argument_one_line():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown task 'nosuchtask'" in lines[0], proc.stderr
     assert not (ROOT / "unused-out").exists()
+
+
+# ------------------------------------------------- broken checkpoints, resume, run folders
+def _tensor_paths(tree, path=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensor_paths(v, f"{path}/{k}")
+    elif isinstance(tree, torch.Tensor):
+        yield path, tree
+
+
+def _replace_tensor(ckpt: dict, suffix: str, make) -> None:
+    where, tensor = next((p, t) for p, t in _tensor_paths(ckpt["searcher"]) if p.endswith(suffix))
+    node = ckpt["searcher"]
+    keys = where.strip("/").split("/")
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = make(tensor)
+
+
+def _break(kind: str, path: Path) -> None:
+    good = torch.load(path, weights_only=True)
+    if kind == "random-bytes":
+        path.write_bytes(bytes(range(256)) * 16)
+    elif kind == "plain-pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps({"a": {1, 2}}))
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "list":
+        torch.save([1, 2], path)
+    elif kind == "missing-keys":
+        torch.save({k: v for k, v in good.items() if k != "searcher"}, path)
+    elif kind == "population-shape":
+        _replace_tensor(good, "_population/__object__/_data",
+                        lambda t: torch.zeros(t.shape[0] + 1, t.shape[1]))
+        torch.save(good, path)
+    elif kind == "centre-nan":
+        _replace_tensor(good, "parameters/mu", lambda t: torch.full_like(t, float("nan")))
+        torch.save(good, path)
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.fixture(scope="module")
+def pgpe_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(_run_args(out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["random-bytes", "plain-pickle", "truncated", "empty", "list",
+                                  "missing-keys", "population-shape", "centre-nan"])
+def test_broken_checkpoint_one_line_exit_2(pgpe_run, tmp_path, capsys, kind):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(pgpe_run, out)
+    _break(kind, out / "checkpoint.pt")
+    capsys.readouterr()
+    msg = _error(_run_args(out, "pgpe", 3, "--resume"), capsys)
+    assert "checkpoint" in msg, msg
+
+
+def test_broken_checkpoint_subprocess_no_traceback(pgpe_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(pgpe_run, out)
+    _break("random-bytes", out / "checkpoint.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "evotorch_mqa_moe",
+                           *_run_args(out, "pgpe", 3, "--resume"), "--threads", "1"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a readable checkpoint" in lines[0], proc.stderr
+    assert str(out / "checkpoint.pt") in lines[0]
+
+
+def test_resume_with_fewer_generations_than_the_checkpoint(pgpe_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(pgpe_run, out)
+    capsys.readouterr()
+    msg = _error(_run_args(out, "pgpe", 1, "--resume"), capsys)
+    assert "generation 2" in msg and "--generations 1" in msg
+
+
+def test_model_mismatch_names_the_field(pgpe_run, capsys):
+    capsys.readouterr()
+    changed = [a.replace("embed_dim=8", "embed_dim=16") for a in _run_args(pgpe_run, "pgpe", 3)]
+    msg = _error([*changed, "--resume"], capsys)
+    assert "model.embed_dim: checkpoint 8, this run 16" in msg
+    assert "{'model': {}}" not in msg
+
+
+def test_run_into_a_run_folder_needs_overwrite(pgpe_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(pgpe_run, out)
+    before = (out / "history.csv").read_text()
+    capsys.readouterr()
+    msg = _error(_run_args(out, "pgpe", 1), capsys)
+    assert "--overwrite" in msg and "--resume" in msg
+    assert (out / "history.csv").read_text() == before
+    assert main(_run_args(out, "pgpe", 1, "--overwrite")) == 0
+    assert len(torch.load(out / "checkpoint.pt", weights_only=True)["history"]) == 1
+
+
+def test_compare_still_resumes_its_runs(tmp_path):
+    argv = ["compare", "reverse", "--searchers", "pgpe", "--seeds", "1", "--popsize", "8",
+            "--max-evals", "16", "--eval-every", "1", "--out", str(tmp_path / "c"), *TINY,
+            "--quiet"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the finished run is resumed (re-read), not refused
+    assert main([a if a != "16" else "32" for a in argv]) == 0  # a larger budget resumes
+    ckpt = torch.load(tmp_path / "c" / "pgpe" / "seed0" / "checkpoint.pt", weights_only=True)
+    assert ckpt["history"][-1]["evaluations"] >= 32
+
+
+def test_interrupt_before_any_checkpoint_does_not_claim_one(tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C (KeyboardInterrupt inside a step) before the first checkpoint:
+    the last line must not say a checkpoint was saved."""
+    import evotorch_mqa_moe.run as run_module
+
+    real_build = run_module._build
+
+    def build(settings):
+        task, config, problem, searcher_obj = real_build(settings)
+
+        def step():
+            raise KeyboardInterrupt
+
+        searcher_obj.step = step
+        return task, config, problem, searcher_obj
+
+    monkeypatch.setattr(run_module, "_build", build)
+    assert main(_run_args(tmp_path / "cut", "pgpe", 6)) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoint saved" not in last and "nothing saved" in last, last
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+
+
+def test_interrupt_mid_generation_names_the_kept_checkpoint(tmp_path, monkeypatch, capsys):
+    import evotorch_mqa_moe.run as run_module
+
+    real_build, calls = run_module._build, {"n": 0}
+
+    def build(settings):
+        task, config, problem, searcher_obj = real_build(settings)
+        real_step = searcher_obj.step
+
+        def step():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            real_step()
+
+        searcher_obj.step = step
+        return task, config, problem, searcher_obj
+
+    monkeypatch.setattr(run_module, "_build", build)
+    assert main(_run_args(tmp_path / "cut", "pgpe", 6)) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoint saved" not in last and "last periodic checkpoint" in last, last
+
+
+# ----------------------------------------------------------- more bad arguments
+def test_unknown_model_field_lists_the_valid_ones(tmp_path, capsys):
+    msg = _error(["run", "reverse", "--model", "embed_dimm=32", "--out", str(tmp_path / "x")],
+                 capsys)
+    assert "embed_dimm" in msg and "embed_dim," in msg and "num_heads" in msg
+
+
+@pytest.mark.parametrize("device", ["meta", "nosuchdevice", "cuda:99"])
+def test_unusable_device(tmp_path, capsys, device):
+    msg = _error(["run", "reverse", "--device", device, "--generations", "1",
+                  "--out", str(tmp_path / "x"), *TINY], capsys)
+    assert repr(device) in msg
+
+
+def test_out_is_a_file_or_under_a_file(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "is a file" in _error(_run_args(afile), capsys)
+    assert "cannot create output folder" in _error(_run_args(afile / "sub"), capsys)
+
+
+def test_huge_popsize_refused_with_the_memory_it_needs(tmp_path, capsys):
+    argv = [a if a != "8" else "1000000000" for a in _run_args(tmp_path / "x")]
+    msg = _error(argv, capsys)
+    assert "1,000,000,000" in msg and "GiB" in msg
+
+
+def test_failed_checkpoint_write_one_line_no_tmp(tmp_path, monkeypatch, capsys):
+    import evotorch_mqa_moe.run as run_module
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module.torch, "save", full_disk)
+    out = tmp_path / "run"
+    msg = _error(_run_args(out), capsys)
+    assert "checkpoint.pt" in msg and "No space left" in msg
+    assert not list(out.glob("*.tmp"))
+
+
+def test_help_shows_defaults_and_every_run_option_has_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 10)" in text and "(default: 0)" in text and "(default: cpu)" in text
+    from evotorch_mqa_moe.cli import _parser
+
+    run_parser = next(a for a in _parser()._actions if a.dest == "command").choices["run"]
+    for action in run_parser._actions:
+        assert action.help, action.option_strings
+
+
+def test_list_prints_full_cmaes_max_value(capsys):
+    from evotorch_mqa_moe.searchers import FULL_CMAES_MAX
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "FULL_CMAES_MAX" not in out and f"{FULL_CMAES_MAX}" in out
