@@ -24,6 +24,14 @@ counted). Only the limits given apply; the log and ``results.json``
 (``stopped_by``) say which one ended the run. A run may overshoot
 ``max_evaluations`` / ``max_seconds`` by less than one generation.
 
+**Refusals.** A folder that already holds a run is refused unless
+``overwrite=True`` (``--overwrite``) or ``resume=True``. A checkpoint is checked
+before it is used: unreadable, incomplete, wrongly shaped or non-finite
+checkpoints, other settings (the message names each field that differs), other
+resolved popsize / stdev (the checkpoint records what the defaults resolved to,
+and the package version) and ``generations`` below the checkpoint's are each a
+``ValueError`` naming the file and what is wrong.
+
 Ctrl-C or SIGTERM stops the run after the current generation and saves a
 checkpoint (a second signal stops at once, keeping the last periodic one); ``resume=True``
 continues from it and ends exactly as an uninterrupted run with the same seed
