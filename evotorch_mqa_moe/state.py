@@ -108,7 +108,11 @@ def _decode(current: Any, saved: Any, path: str = "") -> Any:
         cur += [None] * (len(items) - len(cur))
         decoded = [_decode(c, s, f"{path}[{i}]")
                    for i, (c, s) in enumerate(zip(cur, items, strict=False))]
-        return decoded if _LIST in saved else tuple(decoded)
+        if _LIST in saved:
+            return decoded
+        if hasattr(current, "_fields") and len(current) == len(decoded):  # a NamedTuple
+            return type(current)(*decoded)
+        return tuple(decoded)
     if isinstance(saved, dict):
         base = current if isinstance(current, dict) else {}
         return {**base, **{k: _decode(base.get(k), v, f"{path}.{k}") for k, v in saved.items()}}
