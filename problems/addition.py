@@ -45,12 +45,12 @@ class AdditionTask(SyntheticTask):
     ``test_size=1024``, ``seed=0`` (of the test set).
 
     The default is sized so that the task measures search, not model capacity or
-    budget (``bench/learnability.py``; one seed, batch 64, Adam lr 1e-2, default
-    model): ``num_digits=1`` (a digit sum and its carry) reaches 95% exact in
-    200-250 Adam steps, and PGPE (popsize 200) reached 72% exact in 100k
-    evaluations. ``num_digits=2`` adds carry propagation: Adam needs ~600 steps,
-    PGPE stayed below 2% exact in 100k evaluations. ``num_digits=3`` (the former
-    default) needs ~2,000 Adam steps.
+    budget (``bench/learnability.py``, seeds 0-2, batch 64, Adam lr 1e-2, default
+    model; figures in ``docs/problems.md``): with ``num_digits=1`` (a digit sum and
+    its carry) Adam reaches 95% exact in 200-250 steps and PGPE (popsize 200) 72%
+    exact in 100k evaluations. ``num_digits=2`` adds carry propagation: Adam needs
+    450-600 steps, PGPE reached 2% exact in 100k evaluations. ``num_digits=3`` (the
+    former default) takes Adam 950-2,200 steps.
     """
 
     name = "addition"
@@ -90,8 +90,8 @@ class AdditionTask(SyntheticTask):
         """Embed 16, 2 layers, 2 query heads sharing one key/value head, 2 experts of 32,
         learned positions, a 10-digit head (6,622 parameters at 1 digit, 6,718 at 3).
 
-        One layer is not enough: with one layer Adam stayed below 35% exact on one
-        digit after 3,000 steps."""
+        Two layers are needed: with one, Adam stayed below 35% exact on one digit
+        after 3,000 steps."""
         return TransformerConfig(
             vocab_size=self.vocab_size, output_dim=self.output_dim, embed_dim=16, num_layers=2,
             num_heads=2, num_kv_heads=1, expert_dim=32, num_experts=2,
