@@ -55,6 +55,8 @@ BEST_KEYS = ("task", "searcher", "popsize", "stdev", "searcher_options", "task_o
              "model", "metric", "value")
 """The keys of ``best.json`` (the ``--config`` format); the settings are the first seven."""
 _INFO_KEYS = ("study", "trial", "budget_evals", "seeds")  # recorded, ignored by --config
+HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
+GRACE_S = 30  # a running trial without a heartbeat for this long is marked failed
 
 
 def suggest(trial: Any, space: Mapping[str, tuple]) -> dict[str, Any]:
@@ -91,16 +93,22 @@ def _open_study(storage: str, study: str, sampler_seed: int):
     """Create or load ``study`` in ``storage``; ValueError (one line) if it cannot be opened.
 
     SQLite files get a 60 s lock timeout (workers writing at once wait rather than fail),
-    and a race of workers creating the same fresh database is retried.
+    and a race of workers creating the same fresh database is retried. Running trials
+    send a heartbeat every ``HEARTBEAT_S`` seconds; a trial whose worker died (SIGKILL,
+    power loss) is marked failed once ``GRACE_S`` seconds passed without one, when any
+    worker of the study starts its next trial.
     """
     import optuna
 
     for attempt in range(5):
         try:
-            rdb: Any = storage
-            if storage.startswith("sqlite:"):
-                rdb = optuna.storages.RDBStorage(
-                    storage, engine_kwargs={"connect_args": {"timeout": 60}})
+            kwargs = ({"connect_args": {"timeout": 60}} if storage.startswith("sqlite:")
+                      else {})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs,
+                                                 heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=GRACE_S)
             return optuna.create_study(
                 storage=rdb, study_name=study, direction="maximize", load_if_exists=True,
                 sampler=optuna.samplers.TPESampler(seed=sampler_seed),
@@ -310,6 +318,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     base = {"task": task, "searcher": searcher, "task_options": task_options, "model": model,
             "budget_evals": budget_evals, "seeds": seeds}
 
+    spent = {"runs": 0.0}  # wall time inside run(): the rest is the tuner's overhead
+
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
         chosen = trial_settings(params)
@@ -323,7 +333,14 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
                         task=task, searcher=searcher, max_evaluations=mark, seed=seed,
                         device=device, task_options=task_options, model=model,
                         eval_every=eval_every, checkpoint_every=10**9, **chosen)
-                    results = run(settings, folder / f"seed{seed}", resume=i > 0)
+                    t0 = time.perf_counter()
+                    try:
+                        # the first piece starts afresh (a folder left by an older study
+                        # of the same name is overwritten), later ones resume
+                        results = run(settings, folder / f"seed{seed}", resume=i > 0,
+                                      overwrite=i == 0)
+                    finally:
+                        spent["runs"] += time.perf_counter() - t0
                     values.append(float(results["final_metrics"][metric]))
                 value = sum(values) / len(values)
                 if not math.isfinite(value):
@@ -361,8 +378,14 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     start = time.perf_counter()
     study_obj.optimize(objective, n_trials=trials, catch=(Exception,), callbacks=[progress],
                        gc_after_trial=False)
+    optimize_s = time.perf_counter() - start
     best = _write_outputs(study_obj, out, base, metric)
-    logger.info(f"tuned in {time.perf_counter() - start:.1f} s; "
+    total = time.perf_counter() - start
+    overhead = total - spent["runs"]
+    logger.info(f"tuner overhead (Optuna, database, outputs): {overhead:.2f} s of {total:.1f} s "
+                f"({100 * overhead / max(total, 1e-9):.1f}%; during the trials "
+                f"{100 * (optimize_s - spent['runs']) / max(optimize_s, 1e-9):.1f}%)")
+    logger.info(f"tuned in {total:.1f} s; "
                 + (f"best {metric} {best['value']:.4g} (trial {best['trial']}) -> "
                    f"{out / 'best.json'}" if best else "no completed trial"))
     return best

@@ -92,13 +92,23 @@ def test_second_invocation_adds_trials_and_writes_outputs(tmp_path):
     assert len(list((tmp_path / "trials").rglob("history.csv"))) == 3
 
 
+def test_ga_with_gene_group_granularity_completes_across_budget_pieces(tmp_path):
+    # each piece after the first resumes from the checkpoint: the GA's compiled gene
+    # groups must survive it
+    _small(tmp_path, 2, space={"granularity": ("cat", ["row", "tensor"]),
+                               "popsize": ("int", 6, 10)})
+    trials = _trials(tmp_path)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2, [
+        t.user_attrs for t in trials]
+
+
 def test_failed_and_nan_trials_are_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     real_run = tune_mod.run
 
-    def flaky(settings, out, resume=False):
+    def flaky(settings, out, resume=False, **kw):
         if Path(out).parent.name == "0":
             raise RuntimeError("boom in trial zero")
-        results = real_run(settings, out, resume=resume)
+        results = real_run(settings, out, resume=resume, **kw)
         if Path(out).parent.name == "1":
             results["final_metrics"][results["target_metric"]] = float("nan")
         return results
