@@ -311,6 +311,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "Weights only load failed" in first:  # torch's advice to unpickle it unsafely: no
+            first = "not a weights-only torch.save file (a plain pickle or other bytes)"
         raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
                          f"{first[:200]})") from None
     if not isinstance(ckpt, dict):
@@ -353,6 +355,7 @@ def _check_resumable(path: Path, ckpt: dict[str, Any], settings: RunSettings,
     # with resolved values recorded, popsize / stdev are compared as resolved (so a
     # default given explicitly matches the same default left unset)
     skip = {"popsize", "stdev"} if recorded is not None else set()
+    skip.add("model")  # the model is compared as the resolved config, field by field
     diffs = _differences({k: v for k, v in ckpt["settings"].items() if k not in skip},
                          {k: v for k, v in settings.identity().items() if k not in skip})
     diffs += [f"model.{d}" for d in _differences(ckpt["config"], config.to_dict())]
