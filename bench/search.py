@@ -77,8 +77,8 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
-def table(out: Path, keys: list[str]) -> str:
-    """The suite's markdown table from each task's ``results.csv``."""
+def table(out: Path, keys: list[str], scale: float = 1.0) -> str:
+    """The suite's markdown table from each task's ``results.csv`` (budgets x ``scale``)."""
     import pandas as pd
 
     lines = ["| task | budget (evals) | searcher | final metric: median [min-max] | "
@@ -89,7 +89,7 @@ def table(out: Path, keys: list[str]) -> str:
         if not path.is_file():
             continue
         t = pd.read_csv(path)
-        budget = STANDARD[key][2] if key in STANDARD else "?"
+        budget = max(1, int(STANDARD[key][2] * scale))
         for name, g in t.groupby("searcher", sort=False):
             f = g["final_metric"]
             hit = g["evals_to_target"].notna()
@@ -139,7 +139,7 @@ def main() -> None:
                                     threshold, searchers, seeds, str(args.out), args.eval_every))
         for job in jobs:
             print(f"done: {job.result()} ({time.perf_counter() - start:.0f} s)", flush=True)
-    report = (f"# Search-quality suite\n\n```\n{header}\n```\n\n{table(args.out, keys)}\n\n"
+    report = (f"# Search-quality suite\n\n```\n{header}\n```\n\n{table(args.out, keys, scale)}\n\n"
               f"Total wall time: {time.perf_counter() - start:.0f} s "
               f"({args.workers} workers, 1 torch thread each).\n")
     (args.out / "search.md").write_text(report)
