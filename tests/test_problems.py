@@ -23,7 +23,6 @@ CASES = {
     "reverse": ("reverse", {}),
     "sort": ("sort", {}),
     "addition": ("addition", {}),
-    "addition-3": ("addition", {"num_digits": 3}),
     "addition-msb": ("addition", {"num_digits": 2, "digit_order": "msb"}),
     "majority": ("majority", {}),
     "majority-3": ("majority", {"num_classes": 3, "seq_len": 8}),
@@ -273,7 +272,7 @@ def test_markov_true_model_gets_the_entropy_rate():
     assert bpc == pytest.approx(task.chain.entropy_rate, abs=0.03)
     base = task.baselines()
     assert base["entropy_rate"] < base["bigram_bpc"] <= base["unigram_bpc"] < base["uniform_bpc"]
-    assert base["bigram_bpc"] - base["entropy_rate"] > 0.3  # order 2 matters
+    assert base["bigram_bpc"] - base["entropy_rate"] > 0.4  # order 2 matters
     metrics = task.score(outputs.expand(2, -1, -1, -1), targets)
     assert torch.equal(metrics["neg_bits_per_char"], -metrics["bits_per_char"])
     assert metrics["entropy_rate"].tolist() == pytest.approx([task.chain.entropy_rate] * 2)
@@ -327,11 +326,9 @@ def test_defaults_are_the_variants_search_can_learn():
     assert (markov.vocab_size, markov.order, markov.concentration) == (4, 2, 0.3)
     old = make_task("language", vocab_size=8, concentration=0.5)
     assert old.chain.entropy_rate == pytest.approx(2.245, abs=1e-3)
-    # the default chain still needs two tokens of context: the bigram baseline is far
-    # above the entropy rate, and the entropy rate far below uniform guessing
-    base = markov.baselines()
-    assert base["bigram_bpc"] - base["entropy_rate"] > 0.4
-    assert base["uniform_bpc"] - base["entropy_rate"] > 0.9
+    # far below uniform guessing (log2 4 = 2 bits); the bigram gap is checked in
+    # test_markov_true_model_gets_the_entropy_rate
+    assert markov.chain.entropy_rate < 1.1
 
 
 def _documented_parameter_counts(doc: str) -> list[tuple[str, dict, int]]:
