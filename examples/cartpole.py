@@ -30,6 +30,7 @@ ap.add_argument("--generations", type=int, default=40)
 ap.add_argument("--popsize", type=int, default=200)
 ap.add_argument("--out", type=Path, default=Path("runs/cartpole"))
 ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+ap.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT")
 args = ap.parse_args()
 
 logging.getLogger("evotorch").setLevel(logging.WARNING)
@@ -38,7 +39,7 @@ logger.add(sys.stderr, level="INFO", format="{time:HH:mm:ss} {message}")
 
 settings = RunSettings(task="cartpole", searcher="pgpe", generations=args.generations,
                        popsize=args.popsize, seed=0, eval_every=5, checkpoint_every=5)
-results = run(settings, args.out, resume=args.resume)
+results = run(settings, args.out, resume=args.resume, overwrite=args.overwrite)
 task = make_task("cartpole")
 print(f"held-out mean return over {task.test_episodes} fixed test episodes: "
       f"{results['final_metrics']['mean_return']:.1f} / 500 "
