@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler")
+    t.add_argument("--metric", default=None,
+                   help="held-out metric to maximise (default: the task's target metric; "
+                        "e.g. token_accuracy when exact_accuracy stays 0 in the budget)")
     t.add_argument("--eval-every", type=int, default=10,
                    help="generations between held-out evaluations inside a run")
     t.add_argument("--quiet", action="store_true", help="warnings and errors only")
@@ -296,7 +299,7 @@ def _tune(args: argparse.Namespace) -> None:
                     task_options=_key_values(args.task_option, "--task-option"),
                     model=_key_values(args.model, "--model"), threads=args.threads,
                     sampler_seed=args.sampler_seed, device=args.device,
-                    eval_every=args.eval_every)
+                    eval_every=args.eval_every, metric=args.metric)
     finally:
         logger.enable("evotorch_mqa_moe.run")
     if best is None:

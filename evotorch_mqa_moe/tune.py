@@ -59,6 +59,10 @@ HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
 GRACE_S = 30  # a running trial without a heartbeat for this long is marked failed
 
 
+class _UnknownMetric(Exception):
+    """``metric`` is not among the task's held-out metrics (stops the study)."""
+
+
 def suggest(trial: Any, space: Mapping[str, tuple]) -> dict[str, Any]:
     """Ask ``trial`` (an ``optuna.Trial``) for one value per entry of a search space.
 
@@ -251,7 +255,7 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
          task_options: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
          threads: int | None = None, sampler_seed: int = 0, device: str = "cpu",
          checkpoints: int = 4, space: Mapping[str, tuple] | None = None,
-         eval_every: int = 10) -> dict[str, Any] | None:
+         eval_every: int = 10, metric: str | None = None) -> dict[str, Any] | None:
     """Run ``trials`` Optuna trials of ``searcher`` on ``task``; write best.json & co to ``out``.
 
     Args:
@@ -274,6 +278,9 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
         space: a search space replacing the registry's (same format), e.g. a
             narrower popsize range.
         eval_every: generations between held-out evaluations inside a run.
+        metric: the held-out metric to maximise (default: the task's
+            ``target_metric``), e.g. ``"token_accuracy"`` where the target metric
+            stays at 0 within the budget and would give the sampler no signal.
 
     Returns:
         The ``best.json`` dict, or None when the study has no completed trial.
@@ -308,7 +315,7 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     task_obj = make_task(task, **task_options)  # bad task options fail here, not per trial
     if model:
         task_obj.default_config().replace(**model)
-    metric = task_obj.target_metric
+    metric = metric or task_obj.target_metric
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -318,6 +325,7 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     base = {"task": task, "searcher": searcher, "task_options": task_options, "model": model,
             "budget_evals": budget_evals, "seeds": seeds}
 
+    usage_error: list[str] = []
     spent = {"runs": 0.0}  # wall time inside run(): the rest is the tuner's overhead
 
     def objective(trial: optuna.Trial) -> float:
@@ -341,6 +349,9 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
                                       overwrite=i == 0)
                     finally:
                         spent["runs"] += time.perf_counter() - t0
+                    if metric not in results["final_metrics"]:
+                        raise _UnknownMetric(f"unknown metric {metric!r} for {task}; known: "
+                                             f"{', '.join(results['final_metrics'])}")
                     values.append(float(results["final_metrics"][metric]))
                 value = sum(values) / len(values)
                 if not math.isfinite(value):
@@ -355,6 +366,11 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
                     raise optuna.TrialPruned(f"{metric} {value:.4g} at {mark:,} evals")
             return value
         except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except _UnknownMetric as exc:  # a usage error, not a bad trial: stop the study
+            usage_error.append(str(exc))
+            trial.set_user_attr("fail_reason", str(exc))
+            trial.study.stop()
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
@@ -378,6 +394,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     start = time.perf_counter()
     study_obj.optimize(objective, n_trials=trials, catch=(Exception,), callbacks=[progress],
                        gc_after_trial=False)
+    if usage_error:
+        raise ValueError(usage_error[0])
     optimize_s = time.perf_counter() - start
     best = _write_outputs(study_obj, out, base, metric)
     total = time.perf_counter() - start

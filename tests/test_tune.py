@@ -174,6 +174,22 @@ def test_tune_bad_input_is_one_error_line(tmp_path, capsys, extra, message):
     assert not list(tmp_path.rglob("trials.csv"))
 
 
+def test_unknown_metric_stops_the_study_with_one_error_line(tmp_path, capsys):
+    err = _error(capsys, ["tune", "reverse", "--searcher", "ga", "--trials", "3",
+                          "--budget-evals", "30", "--metric", "nope", "--out", str(tmp_path),
+                          "--quiet", *TINY_ARGS])
+    assert "unknown metric 'nope'" in err and "token_accuracy" in err
+    assert len(_trials(tmp_path)) == 1  # stopped after the first trial
+
+
+def test_another_metric_is_the_objective(tmp_path):
+    best = _small(tmp_path, 1, metric="token_accuracy")
+    trial = json.loads((tmp_path / "trials" / "reverse-ga" / "0" / "seed0"
+                        / "results.json").read_text())
+    assert best["metric"] == "token_accuracy"
+    assert best["value"] == trial["final_metrics"]["token_accuracy"] > 0
+
+
 @pytest.mark.parametrize("content, message", [
     ({"searcher": "ga", "bogus": 1}, "unknown keys ['bogus']"),
     ({"searcher": "ga", "popsize": -3}, "popsize must be"),
