@@ -45,8 +45,10 @@ class BackpropTrainer:
 
     Args:
         problem: its task must be supervised (``sample`` and ``loss``).
-        lr: Adam's learning rate. 3e-3 trained ``reverse`` to 100% exact in
-            ~250 steps of batch 64 in the design measurements.
+        lr: Adam's learning rate. 1e-2 needed 1.2-2.4x fewer steps to each task's
+            threshold than 3e-3 and 2-6x fewer than 1e-3 on reverse (16 tokens),
+            sort, addition and language (``bench/learnability.py --lr-sweep
+            1e-3,3e-3,1e-2``, docs/problems.md).
         batch_size: examples per step; default the task's ``batch_size``.
         weight_decay: Adam's (L2) weight decay.
     Raises:
@@ -56,7 +58,7 @@ class BackpropTrainer:
 
     popsize = 1  # one network per step
 
-    def __init__(self, problem: TransformerProblem, *, lr: float = 3e-3,
+    def __init__(self, problem: TransformerProblem, *, lr: float = 1e-2,
                  batch_size: int | None = None, weight_decay: float = 0.0):
         task = problem.task
         if not (callable(getattr(task, "sample", None)) and callable(getattr(task, "loss", None))):
