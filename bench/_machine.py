@@ -1,4 +1,6 @@
-"""Machine and library versions for benchmark reports: ``machine_report() -> str``.
+"""Shared by the bench scripts: ``machine_report() -> str`` (machine and library
+versions for every report) and ``timed(fn, device)`` (wall seconds of one call,
+synchronising an accelerator before and after).
 
 Used by every script in bench/ (they run as ``python bench/<name>.py``, so this
 module is importable as ``_machine``).
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def _cpu_model() -> str:
@@ -19,6 +22,23 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def sync(device) -> None:
+    """Wait for queued accelerator work (a no-op on the CPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    """Wall seconds of ``fn()``, with the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def machine_report() -> str:

@@ -17,10 +17,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
-from _machine import machine_report
+from _machine import machine_report, timed
 from torch.func import functional_call, vmap
 from torch.nn.utils import vector_to_parameters
 
@@ -39,18 +38,6 @@ def forward_flops(config, batch: int, seq: int) -> float:
     head = M * c.embed_dim * c.output_dim
     return 2.0 * (c.num_layers * (qkv + scores + out + gate + experts) + head)
 
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def make_methods(config, params, tokens, device, chunk_size=None):

@@ -17,28 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from _machine import machine_report
+from _machine import machine_report, timed
 
 from evotorch_mqa_moe import num_parameters, population_forward, preset
 from evotorch_mqa_moe.hybrid import gradient_chunk_size, population_loss_and_grad
 from evotorch_mqa_moe.model import default_chunk_size, init_parameters
 from evotorch_mqa_moe.problems._scoring import masked_cross_entropy
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:

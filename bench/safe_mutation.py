@@ -26,28 +26,14 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
-from _machine import machine_report
+from _machine import machine_report, timed
 from loguru import logger
 
 from evotorch_mqa_moe import TransformerProblem, preset
 from evotorch_mqa_moe.problems.reverse import ReverseTask
 from evotorch_mqa_moe.safe_mutation import METHODS, SafeMutationScale
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
