@@ -238,6 +238,13 @@ class _PopulationOptimizer:
 
     popsize: int
 
+    def _setup(self, popsize: int, device: torch.device | str | None) -> dict[str, Any]:
+        """Validate and set ``popsize`` and ``device``; the keywords for :func:`_per_row`."""
+        if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 1:
+            raise ValueError(f"popsize must be a positive integer, got {popsize!r}")
+        self.popsize, self.device = popsize, torch.device(device or "cpu")
+        return dict(device=self.device)
+
     def _init_state(self) -> None:
         self.steps = torch.zeros(self.popsize, dtype=torch.int64, device=self.device)
         for name in self._buffers:
@@ -323,10 +330,8 @@ class PopulationSGD(_PopulationOptimizer):
     def __init__(self, popsize: int, *, lr: float | Tensor, momentum: float | Tensor = 0.0,
                  dampening: float | Tensor = 0.0, weight_decay: float | Tensor = 0.0,
                  nesterov: bool = False, device: torch.device | str | None = None):
-        if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 1:
-            raise ValueError(f"popsize must be a positive integer, got {popsize!r}")
-        self.popsize, self.device, self.nesterov = popsize, torch.device(device or "cpu"), nesterov
-        kw = dict(device=self.device)
+        kw = self._setup(popsize, device)
+        self.nesterov = nesterov
         self.lr = _per_row("lr", lr, popsize, low=0.0, high=None, low_open=True, **kw)
         self.momentum = _per_row("momentum", momentum, popsize, low=0.0, high=1.0,
                                  low_open=False, **kw)
@@ -377,13 +382,10 @@ class PopulationAdam(_PopulationOptimizer):
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float | Tensor = 0.0, decoupled: bool = False,
                  device: torch.device | str | None = None):
-        if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 1:
-            raise ValueError(f"popsize must be a positive integer, got {popsize!r}")
+        kw = self._setup(popsize, device)
         if not (isinstance(eps, (int, float)) and eps >= 0):
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-        self.popsize, self.device = popsize, torch.device(device or "cpu")
         self.eps, self.decoupled = float(eps), decoupled
-        kw = dict(device=self.device)
         self.lr = _per_row("lr", lr, popsize, low=0.0, high=None, low_open=True, **kw)
         self.beta1 = _per_row("beta1", betas[0], popsize, low=0.0, high=1.0, low_open=False, **kw)
         self.beta2 = _per_row("beta2", betas[1], popsize, low=0.0, high=1.0, low_open=False, **kw)
