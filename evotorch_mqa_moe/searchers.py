@@ -170,6 +170,11 @@ class SearcherSpec:
         if self.default_popsize < self.min_popsize:
             raise ValueError(f"default_popsize {self.default_popsize} of {self.name} is below "
                              f"its min_popsize {self.min_popsize}")
+        stdev = self.default_stdev
+        if isinstance(stdev, bool) or not (isinstance(stdev, int | float) and math.isfinite(stdev)
+                                           and stdev > 0):
+            raise ValueError(f"default_stdev of {self.name} must be a positive finite number, "
+                             f"got {stdev!r}")
         _check_space(self.name, self.search_space)
         object.__setattr__(self, "search_space", MappingProxyType(dict(self.search_space)))
 

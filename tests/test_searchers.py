@@ -233,6 +233,8 @@ def test_register_a_new_searcher(monkeypatch):
     ({"search_space": {"stdev": ("uniform", 0.1, 1.0)}}, "one of"),
     ({"search_space": {"k": ("int", 5, 1)}}, "low < high"),
     ({"search_space": {"mode": ("cat", [])}}, "cat"),
+    ({"default_stdev": 0.0}, "default_stdev .* got 0.0"),
+    ({"default_stdev": float("inf")}, "default_stdev .* got inf"),
 ])
 def test_spec_validation(kwargs, match):
     base = {"name": "x", "description": "d", "build": lambda *a, **k: None, "default_popsize": 8,
