@@ -364,18 +364,16 @@ GA_SEED_SETTINGS: dict[str, Any] = {
 GA_SETTINGS: dict[str, Any] = dict(GA_SEED_SETTINGS)
 
 
-def _build_ga(problem: TransformerProblem, *, popsize: int, stdev: float,
+def _ga_builder(settings: dict[str, Any]) -> Callable[..., EvoTorchSearcher]:
+    """A builder of ``seed_genetic_algorithm`` with ``settings`` under the caller's options."""
+
+    def build(problem: TransformerProblem, *, popsize: int, stdev: float,
               **options: Any) -> EvoTorchSearcher:
-    algorithm = seed_genetic_algorithm(problem, popsize=popsize,
-                                       **{**GA_SETTINGS, "stdev": stdev, **options})
-    return _wrap(algorithm, problem, popsize)
+        algorithm = seed_genetic_algorithm(problem, popsize=popsize,
+                                           **{**settings, "stdev": stdev, **options})
+        return _wrap(algorithm, problem, popsize)
 
-
-def _build_ga_seed(problem: TransformerProblem, *, popsize: int, stdev: float,
-                   **options: Any) -> EvoTorchSearcher:
-    algorithm = seed_genetic_algorithm(problem, popsize=popsize,
-                                       **{**GA_SEED_SETTINGS, "stdev": stdev, **options})
-    return _wrap(algorithm, problem, popsize)
+    return build
 
 
 def _build_ga_evotorch(problem: TransformerProblem, *, popsize: int, stdev: float,
@@ -457,10 +455,10 @@ _ES_SPACE = {"stdev": ("log", 0.005, 0.3), "popsize": ("int", 20, 1000)}
 
 for _spec in (
     SearcherSpec("ga", "our GA: truncation selection, uniform cross-over, probabilistic "
-                 "Gaussian mutation, elites", _build_ga,
+                 "Gaussian mutation, elites", _ga_builder(GA_SETTINGS),
                  default_popsize=200, min_popsize=3, search_space=GA_SPACE),
     SearcherSpec("ga-seed", "the seed's GA exactly as first shipped, pinned (`ga` may change)",
-                 _build_ga_seed, default_popsize=200, min_popsize=3,
+                 _ga_builder(GA_SEED_SETTINGS), default_popsize=200, min_popsize=3,
                  search_space=GA_SPACE),
     SearcherSpec("ga-evotorch", "EvoTorch's GeneticAlgorithm with its SBX cross-over and "
                  "Gaussian mutation", _build_ga_evotorch, default_popsize=300, min_popsize=3,
