@@ -10,7 +10,12 @@ fresh batch of the problem's data stream (shared by the population). Every
   state and hyperparameters of a random member of the best ``exploit_fraction``
   (truncation selection, as in the paper);
 * **explore**: the copied learning rate and ``1 - beta1`` are each multiplied by 0.8
-  or 1.25 (chosen at random; ``beta1`` stays in [0, 0.999]);
+  or 1.25 (chosen at random; ``beta1`` stays in [0, 0.999]). The learning rate stays
+  inside its initial range ``[lr / lr_spread, lr * lr_spread]``: unbounded, the
+  greedy exploit keeps choosing the member that moved furthest on the last batch,
+  the learning rates of the whole population ratchet up (x1.25 per round), and once
+  the loss is near zero all members diverge together (measured on reverse with 16
+  tokens: from 0.07 to 7 in 220 steps, then the loss went from 3e-6 to 1,700);
 * optional **crossover**: with ``crossover=True`` the copied weights are a uniform
   cross-over of the chosen winner and another member of the best fraction.
 
@@ -123,7 +128,8 @@ class PopulationBasedTraining(HybridSearcher):
         opt.take(index)
         factors = torch.tensor(PERTURB, dtype=torch.float64, device=opt.device)
         choice = torch.randint(2, (2, count), generator=gen, device=gen.device).to(opt.device)
-        opt.lr[bottom] = opt.lr[bottom] * factors[choice[0]]
+        low, high = self.lr / self.lr_spread, self.lr * self.lr_spread
+        opt.lr[bottom] = (opt.lr[bottom] * factors[choice[0]]).clamp(low, high)
         one_minus = ((1 - opt.beta1[bottom]) * factors[choice[1]]).clamp(1 - MAX_BETA1, 1.0)
         opt.beta1[bottom] = 1 - one_minus
 

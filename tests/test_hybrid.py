@@ -406,6 +406,18 @@ def test_pbt_exploit_copies_weights_state_and_hyperparameters():
             assert torch.equal(opt.exp_avg[i], exp_avg[i])
 
 
+def test_pbt_explore_keeps_learning_rates_in_the_initial_range():
+    # 200 rounds of exploit/explore always favouring the highest learning rate: unbounded,
+    # x1.25 per round would take them far above lr * lr_spread (and diverge a real run)
+    pbt = build("pbt", popsize=8, lr=1e-2, lr_spread=4.0)
+    pbt.step()
+    opt = pbt.optimizer
+    for _ in range(200):
+        pbt._exploit_and_explore(opt.lr.float().clone())
+    assert opt.lr.max() <= 4e-2 * (1 + 1e-9) and opt.lr.min() >= 2.5e-3 * (1 - 1e-9)
+    assert opt.lr.max() >= 4e-2 * 0.8  # the bound is reached: the test exercises it
+
+
 def test_pbt_crossover_mixes_two_winners():
     pbt = build("pbt", popsize=8, interval=100, exploit_fraction=0.5, crossover=True)
     pbt.step()
