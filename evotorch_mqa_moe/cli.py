@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                    required=True, help="forward-equivalents per run (one run per seed)")
     t.add_argument("--seeds", type=int, default=1,
                    help="runs per trial, seeds 0..K-1; the trial's value is their mean")
+    t.add_argument("--first-seed", type=int, default=0,
+                   help="first run seed (tune on seeds a later comparison does not use)")
     t.add_argument("--storage", default=None,
                    help="Optuna storage URL shared by all workers (default "
                         "sqlite:///OUT/study.db; e.g. postgresql://... for many machines)")
@@ -294,7 +296,8 @@ def _tune(args: argparse.Namespace) -> None:
     logger.disable("evotorch_mqa_moe.run")  # one line per trial, not per generation
     try:
         best = tune(args.task, args.searcher, trials=args.trials,
-                    budget_evals=args.budget_evals, seeds=args.seeds, storage=args.storage,
+                    budget_evals=args.budget_evals, seeds=args.seeds,
+                    first_seed=args.first_seed, storage=args.storage,
                     study=args.study, out=out,
                     task_options=_key_values(args.task_option, "--task-option"),
                     model=_key_values(args.model, "--model"), threads=args.threads,

@@ -450,6 +450,8 @@ GA_SPACE = {"stdev": ("log", 0.005, 0.3), "mutation_probability": ("log", 0.005,
             "truncation_fraction": ("float", 0.05, 0.5), "num_elites": ("int", 1, 10),
             "granularity": ("cat", ["parameter", "row", "head", "expert", "tensor"]),
             "re_evaluate": ("cat", [False, "elites"]),
+            "step_size": ("cat", [None, "self_adaptive", "success"]),
+            "swap_probability": ("float", 0.0, 0.5),
             "popsize": ("int", 50, 1000)}
 _ES_SPACE = {"stdev": ("log", 0.005, 0.3), "popsize": ("int", 20, 1000)}
 

@@ -54,7 +54,8 @@ __all__ = ["tune", "suggest", "trial_settings", "BEST_KEYS", "load_config"]
 BEST_KEYS = ("task", "searcher", "popsize", "stdev", "searcher_options", "task_options",
              "model", "metric", "value")
 """The keys of ``best.json`` (the ``--config`` format); the settings are the first seven."""
-_INFO_KEYS = ("study", "trial", "budget_evals", "seeds")  # recorded, ignored by --config
+# recorded in best.json, ignored by --config
+_INFO_KEYS = ("study", "trial", "budget_evals", "seeds", "first_seed")
 HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
 GRACE_S = 30  # a running trial without a heartbeat for this long is marked failed
 
@@ -224,7 +225,7 @@ def _write_outputs(study: Any, out: Path, base: dict[str, Any], metric: str) -> 
             "task_options": base["task_options"], "model": base["model"],
             "metric": metric, "value": best_trial.value, "study": study.study_name,
             "trial": best_trial.number, "budget_evals": base["budget_evals"],
-            "seeds": base["seeds"]}
+            "seeds": base["seeds"], "first_seed": base["first_seed"]}
     _atomic_text(json.dumps(best, indent=2) + "\n", out / "best.json")
 
     import matplotlib
@@ -255,7 +256,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
          task_options: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
          threads: int | None = None, sampler_seed: int = 0, device: str = "cpu",
          checkpoints: int = 4, space: Mapping[str, tuple] | None = None,
-         eval_every: int = 10, metric: str | None = None) -> dict[str, Any] | None:
+         eval_every: int = 10, metric: str | None = None,
+         first_seed: int = 0) -> dict[str, Any] | None:
     """Run ``trials`` Optuna trials of ``searcher`` on ``task``; write best.json & co to ``out``.
 
     Args:
@@ -264,7 +266,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
             non-empty ``search_space``.
         trials: trials this call runs (more are added to an existing study).
         budget_evals: forward-equivalents per run (one run per seed per trial).
-        seeds: runs per trial, seeds ``0..seeds-1``; the value is their mean metric.
+        seeds: runs per trial, seeds ``first_seed..first_seed+seeds-1``; the value is
+            their mean metric.
         storage: an Optuna storage URL (default ``sqlite:///OUT/study.db``).
         study: the study name (default ``TASK-SEARCHER``).
         out: output folder.
@@ -281,6 +284,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
         metric: the held-out metric to maximise (default: the task's
             ``target_metric``), e.g. ``"token_accuracy"`` where the target metric
             stays at 0 within the budget and would give the sampler no signal.
+        first_seed: the first run seed. Tune on seeds that the comparison of tuned
+            vs default settings will not use (e.g. 100) so that comparison is held out.
 
     Returns:
         The ``best.json`` dict, or None when the study has no completed trial.
@@ -299,7 +304,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     spec = get_spec(searcher)  # ValueError naming the known searchers
     for name, value, low in (("trials", trials, 1), ("budget_evals", budget_evals, 1),
                              ("seeds", seeds, 1), ("checkpoints", checkpoints, 1),
-                             ("sampler_seed", sampler_seed, 0)):
+                             ("sampler_seed", sampler_seed, 0),
+                             ("first_seed", first_seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if threads is not None:
@@ -323,7 +329,7 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     study_obj = _open_study(storage, study_name, sampler_seed)
     marks = _checkpoints(budget_evals, checkpoints)
     base = {"task": task, "searcher": searcher, "task_options": task_options, "model": model,
-            "budget_evals": budget_evals, "seeds": seeds}
+            "budget_evals": budget_evals, "seeds": seeds, "first_seed": first_seed}
 
     usage_error: list[str] = []
     spent = {"runs": 0.0}  # wall time inside run(): the rest is the tuner's overhead
@@ -336,7 +342,7 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
             value = float("nan")
             for i, mark in enumerate(marks):
                 values = []
-                for seed in range(seeds):
+                for seed in range(first_seed, first_seed + seeds):
                     settings = RunSettings(
                         task=task, searcher=searcher, max_evaluations=mark, seed=seed,
                         device=device, task_options=task_options, model=model,

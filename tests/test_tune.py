@@ -236,3 +236,13 @@ def test_two_concurrent_workers_share_one_sqlite_study(tmp_path):
     assert folders == sorted(str(i) for i in range(6))
     best = json.loads((tmp_path / "best.json").read_text())
     assert math.isfinite(best["value"])
+
+
+def test_first_seed_moves_the_run_seeds(tmp_path):
+    # held-out comparisons need a study that never saw their seeds
+    best = _small(tmp_path, 1, seeds=2, first_seed=100)
+    runs = sorted(p.name for p in (tmp_path / "trials" / "reverse-ga" / "0").iterdir())
+    assert runs == ["seed100", "seed101"]
+    assert best["first_seed"] == 100
+    with pytest.raises(ValueError, match="first_seed"):
+        _small(tmp_path, 1, first_seed=-1)
