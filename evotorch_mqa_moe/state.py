@@ -140,8 +140,15 @@ def _restore_into(obj: Any, state: dict[str, Any], path: str = "") -> None:
             continue
         current = getattr(obj, name, None)
         value = _decode(current, saved, f"{path}.{name}")
-        if value is not current:
+        # an equal number or string is left alone: frozen dataclasses (a GA's
+        # SelfAdaptiveStepSize) refuse even an equal assignment
+        if value is not current and not (_is_scalar(value) and type(value) is type(current)
+                                         and value == current):
             setattr(obj, name, value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, int | float | str | bool | type(None))
 
 
 def restore(searcher: Any, state: dict[str, Any]) -> None:

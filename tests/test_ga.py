@@ -256,3 +256,35 @@ def test_safe_mutation_scales_the_mutation_and_its_cost_is_counted():
     assert scale.refreshes == 2  # generations 0 and 2
     assert safe.evaluations == plain.evaluations + math.ceil(scale.forward_equivalents / 2) * 2
     assert not torch.equal(ga_plain.population.values, ga_safe.population.values)
+
+
+@pytest.mark.parametrize("options", [{"step_size": "self_adaptive"}, {"step_size": "success"},
+                                     {"re_evaluate": "elites", "granularity": "row"}])
+def test_ga_variants_resume_exactly_from_a_checkpoint_state(options):
+    # the searcher state goes through torch.save / weights_only load, as in `run --resume`;
+    # the frozen SelfAdaptiveStepSize once made this fail with FrozenInstanceError
+    import io
+
+    from evotorch_mqa_moe.problem import TransformerProblem
+    from evotorch_mqa_moe.problems import make_task
+    from evotorch_mqa_moe.searchers import make_searcher
+
+    def build():
+        task = make_task("reverse")
+        config = task.default_config().replace(embed_dim=8, num_heads=2, expert_dim=8)
+        return make_searcher("ga", TransformerProblem(task, config, seed=0), popsize=8,
+                             **options)
+
+    original = build()
+    for _ in range(3):
+        original.step()
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    rebuilt = build()
+    rebuilt.load_state_dict(torch.load(buffer, weights_only=True))
+    for _ in range(2):
+        original.step()
+        rebuilt.step()
+    assert torch.equal(original.population.values, rebuilt.population.values)
+    assert torch.equal(original.population.evals, rebuilt.population.evals)
