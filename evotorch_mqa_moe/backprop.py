@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
+from ._validate import check_float, check_int
 from .model import MQAMoETransformer
 from .problem import TransformerProblem
 
@@ -64,15 +65,9 @@ class BackpropTrainer:
         if not (callable(getattr(task, "sample", None)) and callable(getattr(task, "loss", None))):
             raise ValueError(f"adam needs a supervised task (sample + loss) for its gradients; "
                              f"{task.name!r} is not one")
-        if isinstance(lr, bool) or not (isinstance(lr, int | float) and math.isfinite(lr)
-                                        and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if batch_size is not None and (isinstance(batch_size, bool)
-                                       or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(weight_decay, bool) or not (isinstance(weight_decay, int | float)
-                                                  and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+        lr = check_float("lr", lr)
+        batch_size = check_int("batch_size", batch_size, none_ok=True)
+        weight_decay = check_float("weight_decay", weight_decay, 0.0, low_open=False)
         self.problem = problem
         self.batch_size = batch_size or task.batch_size
         self._task_batch = task.batch_size
@@ -119,15 +114,16 @@ class BackpropTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "steps": self.steps, "loss": self._loss, "best_eval": self._best_eval,
-                "data_epoch": self.problem._data_epoch}
+                "data_epoch": self.problem.data_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"model", "optimizer", "steps", "loss", "best_eval", "data_epoch"} - set(
             state if isinstance(state, dict) else ())
         if missing:
             raise ValueError(f"not a BackpropTrainer state_dict: missing {sorted(missing)}")
+        # the problem's public setter checks the epoch first (ValueError naming it)
+        self.problem.data_epoch = state["data_epoch"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps, self._loss = state["steps"], state["loss"]
         self._best_eval = state["best_eval"]
-        self.problem._data_epoch = state["data_epoch"]

@@ -52,6 +52,8 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
+from ._files import atomic_to_csv, atomic_write_text
+from ._validate import check_float, check_int
 from .run import RunSettings, run, versions
 from .searchers import get_spec, supports_gradients
 
@@ -123,21 +125,14 @@ def _validate(task_name: str, searchers: Sequence[str], seeds: int, max_evals: i
     if len(set(searchers)) != len(searchers):
         raise ValueError(f"searchers must not repeat a name, got {list(searchers)!r}")
     specs = [get_spec(name) for name in searchers]  # ValueError naming the known ones
-    if popsize is not None and (isinstance(popsize, bool) or not isinstance(popsize, int)
-                                or popsize < 1):
-        raise ValueError(f"popsize must be a positive integer, got {popsize!r}")
+    check_int("popsize", popsize, none_ok=True)
     for spec in specs:
         if popsize is not None and popsize < spec.min_popsize:
             raise ValueError(f"popsize {popsize} is too small for {spec.name} "
                              f"(needs >= {spec.min_popsize})")
-    for label, value in (("seeds", seeds), ("max_evals", max_evals)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    if max_seconds is not None and (isinstance(max_seconds, bool)
-                                    or not isinstance(max_seconds, int | float)
-                                    or not math.isfinite(max_seconds) or max_seconds <= 0):
-        raise ValueError(f"max_seconds must be a positive finite number, got {max_seconds!r}")
+    check_int("seeds", seeds)
+    check_int("max_evals", max_evals, none_ok=True)
+    check_float("max_seconds", max_seconds, none_ok=True)
     if max_evals is None and max_seconds is None:
         raise ValueError("give a budget: max_evals and/or max_seconds")
     task = make_task(task_name, **task_options)
@@ -202,8 +197,8 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
         if target is None:
             logger.warning(f"{task}: no chance/ceiling for {metric}; give a target for "
                            "time-to-target (left out)")
-    elif not (isinstance(target, (int, float)) and math.isfinite(target)):
-        raise ValueError(f"target must be a finite number, got {target!r}")
+    else:
+        target = check_float("target", target, None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -237,28 +232,16 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
                 "stopped_by": results.get("stopped_by", ""),
             })
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    _write_csv(table, out / "results.csv")
+    atomic_to_csv(table, out / "results.csv")
     if command is None:
         command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
     summary = summarize(table, metric=metric, target=target, max_evals=max_evals,
                         max_seconds=max_seconds, command=command)
-    _write_text(summary, out / "summary.md")
+    atomic_write_text(summary, out / "summary.md")
     plots = plot_runs(histories, metric=metric, out=out, target=target)
     logger.info(f"compare {task}: {len(table)} runs; results.csv, summary.md and "
                 f"{len(plots)} plots in {out}")
     return table
-
-
-def _write_csv(table: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(x: float, digits: int = 4) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
+
+from ._validate import check_bool, check_choice, check_float, check_int
 
 POSITIONAL = ("learned", "sinusoidal", "both", "none")
 NORMS = ("pre", "post")
@@ -17,11 +18,6 @@ MAX_SEQ_LEN = 16384
 score matrix of a single head and sequence takes ``T * T * 4`` bytes, 1 GiB at
 T = 16384 (half the default 2 GiB chunk budget on an accelerator), so longer
 sequences cannot run even one individual at a time within budget."""
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -97,15 +93,14 @@ class TransformerConfig:
             )
         for name in ("embed_dim", "num_layers", "num_heads", "num_kv_heads", "expert_dim",
                      "num_experts", "max_seq_len"):
-            _positive_int(name, getattr(self, name))
+            object.__setattr__(self, name, check_int(name, getattr(self, name)))
         if self.max_seq_len > MAX_SEQ_LEN:
             raise ValueError(
                 f"max_seq_len must be at most {MAX_SEQ_LEN} (dense attention needs T*T scores "
                 f"per head and sequence), got {self.max_seq_len!r}"
             )
         for name in ("vocab_size", "input_dim", "output_dim", "top_k"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+            object.__setattr__(self, name, check_int(name, getattr(self, name), none_ok=True))
         if self.output_dim is None:
             if self.vocab_size is None:
                 raise ValueError("output_dim must be set when inputs are vectors (input_dim)")
@@ -123,16 +118,12 @@ class TransformerConfig:
             raise ValueError(
                 f"top_k={self.top_k} cannot exceed num_experts={self.num_experts}"
             )
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        check_bool("causal", self.causal)
         for name, allowed in (("positional", POSITIONAL), ("norm", NORMS),
                               ("pooling", POOLINGS), ("activation", ACTIVATIONS),
                               ("gating", GATINGS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if (isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float))
-                or not math.isfinite(self.norm_eps) or self.norm_eps <= 0):
-            raise ValueError(f"norm_eps must be a finite positive number, got {self.norm_eps!r}")
+            check_choice(name, getattr(self, name), allowed)
+        object.__setattr__(self, "norm_eps", check_float("norm_eps", self.norm_eps))
 
     @property
     def head_dim(self) -> int:

@@ -45,6 +45,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._validate import check_int
+
 __all__ = [
     "best_first",
     "gaussian_mutation",
@@ -815,8 +817,7 @@ def tournament_pairs(
     Returns:
         ``(idx1, idx2)``, each ``(num_pairs,)`` int64 indices into the population.
     """
-    if int(tournament_size) != tournament_size or tournament_size < 1:
-        raise ValueError(f"`tournament_size` must be an integer >= 1, got {tournament_size!r}")
+    tournament_size = check_int("tournament_size", tournament_size, integral_float=True)
     key = _nan_worst_key(fitness, maximize)
     rng_dev = _rng_device(generator, fitness.device)
     contestants = torch.randint(

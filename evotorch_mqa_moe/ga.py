@@ -23,6 +23,7 @@ import torch
 from evotorch import Problem, SolutionBatch
 from evotorch.algorithms import GeneticAlgorithm
 
+from ._validate import check_int
 from .adaptive import SelfAdaptiveStepSize, SuccessRule
 from .functional import best_first
 from .operators import GaussianMutation, UniformCrossOver
@@ -74,10 +75,9 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
         step_size: SelfAdaptiveStepSize | SuccessRule | None = None,
         safe_mutation: SafeMutationScale | None = None,
     ):
-        if int(popsize) != popsize or popsize < 2:
-            raise ValueError(f"`popsize` must be an integer >= 2, got {popsize!r}")
-        if num_elites is not None and not (0 <= num_elites < popsize):
-            raise ValueError(f"`num_elites` must be in [0, popsize), got {num_elites!r}")
+        popsize = check_int("popsize", popsize, 2, integral_float=True)
+        num_elites = check_int("num_elites", num_elites, 0, popsize - 1, none_ok=True,
+                               integral_float=True)
         if re_evaluate not in (True, False, "elites"):
             raise ValueError(f"`re_evaluate` must be True, False or 'elites', got {re_evaluate!r}")
         if re_evaluate == "elites" and num_elites is None:
@@ -312,10 +312,9 @@ def seed_genetic_algorithm(
             raise ValueError(
                 f"`step_size` must be None, 'self_adaptive' or 'success', got {step_size!r}"
             )
-    if int(popsize) != popsize or popsize < 2:
-        raise ValueError(f"`popsize` must be an integer >= 2, got {popsize!r}")
-    if num_elites is not None and (int(num_elites) != num_elites or not 0 <= num_elites < popsize):
-        raise ValueError(f"`num_elites` must be an integer in [0, popsize), got {num_elites!r}")
+    popsize = check_int("popsize", popsize, 2, integral_float=True)
+    num_elites = check_int("num_elites", num_elites, 0, popsize - 1, none_ok=True,
+                           integral_float=True)
     num_children = popsize if num_elites is None else popsize - int(num_elites)
     selection = (
         {"truncation_fraction": truncation_fraction}

@@ -20,6 +20,7 @@ import torch
 from evotorch import Problem, SolutionBatch
 from evotorch.operators import CopyingOperator, CrossOver
 
+from ._validate import check_int
 from .functional import (
     _check_probability,
     _check_stdev,
@@ -95,16 +96,14 @@ class UniformCrossOver(CrossOver):
                 "Give exactly one of `tournament_size` and `truncation_fraction`, got "
                 f"tournament_size={tournament_size!r}, truncation_fraction={truncation_fraction!r}"
             )
-        if tournament_size is not None and (
-            int(tournament_size) != tournament_size or tournament_size < 1
-        ):
-            raise ValueError(f"`tournament_size` must be an integer >= 1, got {tournament_size!r}")
+        tournament_size = check_int("tournament_size", tournament_size, none_ok=True,
+                                    integral_float=True)
         if truncation_fraction is not None:
             truncation_fraction = _check_probability("truncation_fraction", truncation_fraction)
             if truncation_fraction == 0.0:
                 raise ValueError("`truncation_fraction` must be > 0, got 0.0")
-        if num_children is not None and (int(num_children) != num_children or num_children < 1):
-            raise ValueError(f"`num_children` must be an integer >= 1, got {num_children!r}")
+        num_children = check_int("num_children", num_children, none_ok=True,
+                                 integral_float=True)
         super().__init__(
             problem,
             tournament_size=1 if tournament_size is None else int(tournament_size),

@@ -12,6 +12,7 @@ from evotorch.neuroevolution import NEProblem
 from loguru import logger
 from torch import Tensor, nn
 
+from ._validate import check_int
 from .config import TransformerConfig
 from .genes import gene_groups
 from .model import MQAMoETransformer, PopulationModel, init_parameters, num_parameters
@@ -134,8 +135,7 @@ class TransformerProblem(NEProblem):
             _check_config_fits_task(config, reference, getattr(task, "name", type(task).__name__))
         if data_refresh not in DATA_REFRESH:
             raise ValueError(f"data_refresh must be one of {DATA_REFRESH}, got {data_refresh!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        seed = check_int("seed", seed, 0, none_ok=True)
         self.task = task
         self.config = config
         self.data_refresh = data_refresh
@@ -293,9 +293,7 @@ class TransformerProblem(NEProblem):
 
     @data_epoch.setter
     def data_epoch(self, epoch: int) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"data_epoch must be a non-negative integer, got {epoch!r}")
-        self._data_epoch = int(epoch)
+        self._data_epoch = check_int("data_epoch", epoch, 0)
 
     @property
     def last_data_epoch(self) -> int | None:

@@ -56,8 +56,10 @@ from typing import Any
 import torch
 from loguru import logger
 
+from ._files import atomic_save, atomic_to_csv, atomic_write_text
+from ._validate import check_float, check_int
 from .config import TransformerConfig
-from .model import MQAMoETransformer
+from .model import MQAMoETransformer, resolve_dtype
 from .problem import TransformerProblem
 from .searchers import get_spec, make_searcher
 
@@ -109,6 +111,8 @@ class RunSettings:
         popsize: population size (``None`` = the searcher's default).
         seed: seeds the problem, the searcher and the data stream.
         device: where evaluation runs (``"cpu"``, ``"cuda"``, ...).
+        dtype: the forward pass's dtype, ``"float32"`` or ``"bfloat16"`` (populations
+            and fitness stay float32; ``lowrank-es`` keeps its factors in it too).
         stdev: initial search / mutation stdev (``None``: the searcher's default).
         task_options, model, searcher_options: passed to the task, to
             ``TransformerConfig.replace`` and to the searcher's builder (e.g.
@@ -131,28 +135,22 @@ class RunSettings:
     searcher_options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 10
     checkpoint_every: int = 10
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         get_spec(self.searcher)  # ValueError naming the known searchers
         if self.generations is None and self.max_evaluations is None and self.max_seconds is None:
             raise ValueError("give a limit: generations, max_evaluations or max_seconds "
                              "(or several)")
-        if self.max_seconds is not None and (
-                isinstance(self.max_seconds, bool) or not isinstance(self.max_seconds, int | float)
-                or not math.isfinite(self.max_seconds) or self.max_seconds <= 0):
-            raise ValueError(f"max_seconds must be a positive finite number, "
-                             f"got {self.max_seconds!r}")
+        # canonical types (a NumPy integer becomes an int), so results.json can hold them
+        self.max_seconds = check_float("max_seconds", self.max_seconds, none_ok=True)
         for name in ("generations", "max_evaluations"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, check_int(name, getattr(self, name), none_ok=True))
         for name in ("eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            setattr(self, name, check_int(name, getattr(self, name)))
+        self.seed = check_int("seed", self.seed, 0)
+        # a known name, kept as one (the device is checked in _build)
+        self.dtype = str(resolve_dtype(self.dtype, "meta")).removeprefix("torch.")
 
     def identity(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed (budgets may grow)."""
@@ -160,6 +158,8 @@ class RunSettings:
         for key in ("generations", "max_evaluations", "max_seconds", "eval_every",
                     "checkpoint_every", "device"):
             d.pop(key)
+        if d["dtype"] == "float32":  # absent from checkpoints written before --dtype
+            d.pop("dtype")
         return d
 
 
@@ -238,9 +238,11 @@ def _build(settings: RunSettings):
             raise ValueError(f"unknown model field(s) {', '.join(map(repr, unknown))}; "
                              f"TransformerConfig fields: {', '.join(valid)}")
         config = config.replace(**settings.model)
-    problem = TransformerProblem(task, config, seed=settings.seed, device=settings.device)
-    check_population_memory(resolved_settings(settings)["popsize"], problem.solution_length,
-                            problem.dtype, settings.device)
+    problem = TransformerProblem(task, config, seed=settings.seed, device=settings.device,
+                                 compute_dtype=settings.dtype)
+    if get_spec(settings.searcher).dense_population:  # lowrank-es stores factors, not P x N
+        check_population_memory(resolved_settings(settings)["popsize"],
+                                problem.solution_length, problem.dtype, settings.device)
     searcher = make_searcher(settings.searcher, problem, popsize=settings.popsize,
                              stdev=settings.stdev, **settings.searcher_options)
     return task, config, problem, searcher
@@ -259,42 +261,10 @@ def _stop_reason(settings: RunSettings, generations: int, evaluations: int,
     return None
 
 
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``path`` atomically.
-
-    On failure (a full disk, ...) the temporary file is removed, ``path`` is left
-    as it was, and an ``OSError`` naming ``path`` is raised.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise OSError(exc.errno, f"could not write {path} ({reason}); "
-                                 f"the previous file, if any, is kept") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    with _replacing(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def _atomic_write(text: str, path: Path) -> None:
-    with _replacing(path) as tmp:
-        tmp.write_text(text)
-
-
 def _write_history(history: list[dict], path: Path) -> None:
     import pandas as pd
 
-    with _replacing(path) as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
+    atomic_to_csv(pd.DataFrame(history), path)
 
 
 _CHECKPOINT_KEYS = {"version": int, "settings": dict, "config": dict, "searcher": dict,
@@ -491,7 +461,7 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
     saved = {"any": checkpoint_path.is_file()}
 
     def save_checkpoint() -> None:
-        _atomic_save({"version": CHECKPOINT_VERSION, "settings": settings.identity(),
+        atomic_save({"version": CHECKPOINT_VERSION, "settings": settings.identity(),
                       "resolved": resolved,
                       "config": config.to_dict(), "searcher": searcher.state_dict(),
                       "history": history,
@@ -552,7 +522,7 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
     solution = searcher.current_solution()
     final = problem.metrics(solution)
     model = problem.make_net(solution)
-    _atomic_save({"config": config.to_dict(), "state_dict": model.state_dict(),
+    atomic_save({"config": config.to_dict(), "state_dict": model.state_dict(),
                   "metrics": final, "task": settings.task}, out / "best_model.pt")
     results = {
         "task": settings.task, "searcher": settings.searcher,
@@ -566,7 +536,7 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
                              if math.isfinite(r["best_fitness"])), default=float("nan")),
         "versions": versions(),
     }
-    _atomic_write(json.dumps(results, indent=2), out / "results.json")
+    atomic_write_text(json.dumps(results, indent=2), out / "results.json")
     logger.info(f"done: {metric} = {final.get(metric, float('nan')):.4g} after "
                 f"{results['evaluations']:,} forward-equivalents in {elapsed:.1f} s -> {out}")
     return results

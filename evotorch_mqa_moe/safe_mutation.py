@@ -49,6 +49,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from ._validate import check_bool, check_choice, check_float, check_int
 from .config import TransformerConfig
 from .model import (
     _bytes_per_individual,
@@ -71,16 +72,8 @@ __all__ = [
 #: gradient), ``"sum"`` = SM-G-SUM, ``"abs"`` = SM-G-ABS; see :func:`output_sensitivity`.
 METHODS = ("rms", "sum", "abs")
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _check_method(method: object) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return method  # type: ignore[return-value]
+    return check_choice("method", method, METHODS)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------
@@ -171,11 +164,11 @@ def output_sensitivity(
     check_inputs(config, inputs, popsize=P)
     if inputs.device != values.device:
         raise ValueError(f"inputs are on {inputs.device} but values on {values.device}")
-    _positive_int("projections", projections)
+    check_int("projections", projections)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if chunk_size is not None:
-        _positive_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
     if memory_budget is not None and memory_budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
     values = values.detach()
@@ -337,9 +330,8 @@ def sensitivity_to_scale(sensitivity: Tensor, *, floor: float = 0.01,
     return m
 
 
-def _check_floor(floor: object) -> None:
-    if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 < floor <= 1):
-        raise ValueError(f"floor must be a number in (0, 1], got {floor!r}")
+def _check_floor(floor: object) -> float:
+    return check_float("floor", floor, 0.0, 1.0)  # type: ignore[return-value]
 
 
 #: How :func:`sensitivity_to_scale` normalises the multipliers.
@@ -347,9 +339,7 @@ NORMALIZATIONS = ("genes", "outputs")
 
 
 def _check_normalize(normalize: object) -> str:
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    return normalize  # type: ignore[return-value]
+    return check_choice("normalize", normalize, NORMALIZATIONS)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------
@@ -364,7 +354,7 @@ def sensitivity_inputs(task: Any, batch_size: int, generator: torch.Generator) -
     (episodic tasks such as cartpole: observation windows of short rollouts), else
     the inputs of ``task.sample(batch_size, generator)`` (supervised tasks).
     """
-    _positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     own = getattr(task, "sensitivity_inputs", None)
     if callable(own):
         return own(batch_size, generator)
@@ -456,16 +446,13 @@ class SafeMutationScale:
         normalize: str = "genes",
         seed: int | None = None,
     ):
-        self.every = _positive_int("every", every)
+        self.every = check_int("every", every)
         self.method = _check_method(method)
-        self.projections = _positive_int("projections", projections)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.num_individuals = _positive_int("num_individuals", num_individuals)
-        if not isinstance(per_individual, bool):
-            raise ValueError(f"per_individual must be a bool, got {per_individual!r}")
-        self.per_individual = per_individual
-        _check_floor(floor)
-        self.floor = float(floor)
+        self.projections = check_int("projections", projections)
+        self.batch_size = check_int("batch_size", batch_size)
+        self.num_individuals = check_int("num_individuals", num_individuals)
+        self.per_individual = check_bool("per_individual", per_individual)
+        self.floor = _check_floor(floor)
         self.normalize = _check_normalize(normalize)
         for attr in ("config", "task"):
             if getattr(problem, attr, None) is None:
@@ -474,8 +461,8 @@ class SafeMutationScale:
         if seed is None:
             gen = problem.generator
             seed = int(torch.randint(0, 2**62, (), generator=gen, device=gen.device))
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        else:
+            seed = check_int("seed", seed, 0, none_ok=True)
         self.generator = torch.Generator().manual_seed(seed)
         self.generation = 0
         self.last_refresh = -1
@@ -508,8 +495,8 @@ class SafeMutationScale:
         """
         if generation is None:
             generation = self.generation
-        elif isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
-            raise ValueError(f"generation must be a non-negative integer, got {generation!r}")
+        else:
+            generation = check_int("generation", generation, 0)
         values = torch.as_tensor(values)
         if values.dim() != 2:
             raise ValueError(f"values must be a (P, N) tensor, got shape {tuple(values.shape)}")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -46,6 +45,8 @@ from typing import Any
 import torch
 from loguru import logger
 
+from ._files import atomic_to_csv, atomic_write_text
+from ._validate import check_float, check_int
 from .run import RunSettings, run
 from .searchers import get_spec
 
@@ -135,12 +136,6 @@ def _checkpoints(budget_evals: int, pieces: int) -> list[int]:
     return marks
 
 
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read and check a ``best.json``-format file; returns its settings keys.
 
@@ -188,16 +183,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
         except ValueError as exc:
             raise ValueError(f"config {str(path)!r}: {exc}") from None
     if data.get("popsize") is not None:
-        p = data["popsize"]
-        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-            raise bad("popsize", "a positive integer or null")
-        out["popsize"] = p
+        try:
+            out["popsize"] = check_int("popsize", data["popsize"])
+        except ValueError:
+            raise bad("popsize", "a positive integer or null") from None
     if data.get("stdev") is not None:
-        s = data["stdev"]
-        if isinstance(s, bool) or not isinstance(s, int | float) or not (
-                math.isfinite(s) and s > 0):
-            raise bad("stdev", "a positive number or null")
-        out["stdev"] = float(s)
+        try:
+            out["stdev"] = check_float("stdev", data["stdev"])
+        except ValueError:
+            raise bad("stdev", "a positive number or null") from None
     for key in ("searcher_options", "task_options", "model"):
         if data.get(key) is not None:
             if not isinstance(data[key], dict) or not all(isinstance(k, str) for k in data[key]):
@@ -211,9 +205,7 @@ def _write_outputs(study: Any, out: Path, base: dict[str, Any], metric: str) -> 
     import optuna
 
     frame = study.trials_dataframe()
-    tmp = out / f"trials.csv.{os.getpid()}.tmp"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, out / "trials.csv")
+    atomic_to_csv(frame, out / "trials.csv")
     completed = [t for t in study.get_trials(deepcopy=False)
                  if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
@@ -226,7 +218,7 @@ def _write_outputs(study: Any, out: Path, base: dict[str, Any], metric: str) -> 
             "metric": metric, "value": best_trial.value, "study": study.study_name,
             "trial": best_trial.number, "budget_evals": base["budget_evals"],
             "seeds": base["seeds"], "first_seed": base["first_seed"]}
-    _atomic_text(json.dumps(best, indent=2) + "\n", out / "best.json")
+    atomic_write_text(json.dumps(best, indent=2) + "\n", out / "best.json")
 
     import matplotlib
 
@@ -306,11 +298,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
                              ("seeds", seeds, 1), ("checkpoints", checkpoints, 1),
                              ("sampler_seed", sampler_seed, 0),
                              ("first_seed", first_seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        check_int(name, value, low)
+    if check_int("threads", threads, none_ok=True) is not None:
         torch.set_num_threads(threads)
     space = dict(spec.search_space if space is None else space)
     _check_space(searcher, space)

@@ -120,12 +120,32 @@ def test_backprop_trainer_state_roundtrip_and_validation():
         BackpropTrainer(TransformerProblem(task, config, seed=1), lr=0)
 
 
+@pytest.mark.parametrize("epoch", [-1, "3", 2.5, True])
+def test_backprop_trainer_resumes_its_data_epoch_through_the_public_property(epoch):
+    # issue 12: backprop.py wrote problem._data_epoch directly, so a bad epoch in a
+    # state_dict was taken silently; the public setter names it, before anything loads
+    task = make_task("reverse")
+    config = task.default_config().replace(embed_dim=8, num_heads=2, expert_dim=8)
+    a = BackpropTrainer(TransformerProblem(task, config, seed=1))
+    a.step()
+    state = roundtrip(a.state_dict())
+    assert state["data_epoch"] == a.problem.data_epoch == 1
+    b = BackpropTrainer(TransformerProblem(task, config, seed=1))
+    before = b.current_solution().clone()
+    with pytest.raises(ValueError, match=f"data_epoch must be a non-negative integer, "
+                                         f"got {epoch!r}"):
+        b.load_state_dict({**state, "data_epoch": epoch})
+    assert torch.equal(b.current_solution(), before) and b.problem.data_epoch == 0
+    b.load_state_dict(state)
+    assert b.problem.data_epoch == 1
+
+
 @pytest.mark.parametrize(
     "changes,match",
     [({"searcher": "sgd"}, "unknown searcher 'sgd'"), ({"generations": 0}, "generations"),
      ({"generations": None}, "give a limit"), ({"seed": -1}, "seed"),
      ({"eval_every": 0}, "eval_every"), ({"max_evaluations": 2.5}, "max_evaluations"),
-     ({"max_seconds": 0}, "max_seconds must be a positive finite number, got 0"),
+     ({"max_seconds": 0}, "max_seconds must be a positive number or None, got 0"),
      ({"max_seconds": float("inf")}, "max_seconds.*inf"),
      ({"max_seconds": float("nan")}, "max_seconds.*nan"),
      ({"max_seconds": "1"}, "max_seconds"), ({"generations": True}, "generations")],
