@@ -36,6 +36,9 @@ __all__ = [
     "init_parameters",
     "num_parameters",
     "default_chunk_size",
+    "prepare_inputs",
+    "COMPUTE_DTYPES",
+    "resolve_dtype",
 ]
 
 
@@ -43,7 +46,20 @@ __all__ = [
 # Layer math over weights with an optional leading population axis.
 # Activations are (M, D) for one network and (P, M, D) for a population; weight
 # matrices are (D_in, D_out) or (P, D_in, D_out); vectors (D,) or (P, D).
+#
+# A population's weight matrix may also be a *structured* weight instead of a
+# (P, D_in, D_out) tensor: an object that stands for one and knows its own GEMM
+# (:class:`evotorch_mqa_moe.lowrank.LowRankWeight`: shared W plus per-individual
+# low-rank factors). The layer math reaches it through four operations only:
+# ``linear(x, bias)`` (``x @ weight (+ bias)``), ``lookup(index)`` (rows of a table),
+# ``weight[..., a:b]`` (a column slice) and ``.shape`` / ``.dim()``. Everything else
+# (attention, gating, experts, norms, heads) is the same code for both kinds.
 # ----------------------------------------------------------------------------
+
+
+def _structured(weight: object) -> bool:
+    """True for a structured population weight (not a plain tensor); see the note above."""
+    return not isinstance(weight, Tensor)
 
 
 def _row(vector: Tensor) -> Tensor:
@@ -52,7 +68,11 @@ def _row(vector: Tensor) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``x @ weight + bias``: (..., M, I) x (..., I, O) -> (..., M, O), one GEMM per network."""
+    """``x @ weight + bias``: (..., M, I) x (..., I, O) -> (..., M, O), one GEMM per network.
+
+    A structured population weight (see the note above) computes its own product."""
+    if _structured(weight):
+        return weight.linear(x, bias)
     if x.dim() == 2:
         return torch.addmm(bias, x, weight)
     return torch.baddbmm(_row(bias), x, weight)
@@ -240,17 +260,23 @@ def mixture_of_experts(
     lead = x.shape[:-2]
     M = x.shape[-2]
     gates = moe_gates(x, w_gate, b_gate, config, batch, w_gate_qk, b_gate_qk)  # (*lead, M, E)
-    # The bias rides in the GEMM as an extra input row against a ones column:
-    # cheaper than broadcasting it into the wide (M, E*F) output first.
-    ones = torch.ones(*lead, M, 1, device=x.device, dtype=x.dtype)
-    w_in_b = _stack_bias_row(w_in.flatten(-2), b_in.flatten(-2))  # (*lead, D+1, E*F)
-    hidden = torch.matmul(torch.cat([x, ones], dim=-1), w_in_b)  # (*lead, M, E*F)
+    if _structured(w_in):  # its own GEMM over the (D, E*F) matrix view
+        hidden = linear(x, w_in, b_in.flatten(-2))  # (*lead, M, E*F)
+    else:
+        # The bias rides in the GEMM as an extra input row against a ones column:
+        # cheaper than broadcasting it into the wide (M, E*F) output first.
+        ones = torch.ones(*lead, M, 1, device=x.device, dtype=x.dtype)
+        w_in_b = _stack_bias_row(w_in.flatten(-2), b_in.flatten(-2))  # (*lead, D+1, E*F)
+        hidden = torch.matmul(torch.cat([x, ones], dim=-1), w_in_b)  # (*lead, M, E*F)
     hidden = F.gelu(hidden) if config.activation == "gelu" else hidden.relu_()
     if hidden.requires_grad:  # backprop needs the activation's output intact
         hidden = (hidden.view(*lead, M, E, Fd) * gates.unsqueeze(-1)).view(*lead, M, E * Fd)
     else:  # in place: this is the largest tensor of the pass
         hidden.view(*lead, M, E, Fd).mul_(gates.unsqueeze(-1))
-    out = torch.matmul(hidden, w_out.reshape(*w_out.shape[:-3], E * Fd, D))
+    if _structured(w_out):  # its own GEMM over the (E*F, D) matrix view
+        out = w_out.linear(hidden, None)
+    else:
+        out = torch.matmul(hidden, w_out.reshape(*w_out.shape[:-3], E * Fd, D))
     return out.add_(torch.matmul(gates, b_out))  # gate-weighted expert biases
 
 
@@ -292,7 +318,9 @@ def transformer_forward(
     # --- embedding: (*lead, M, D)
     if c.token_inputs:
         table = weights["embed.weight"]  # (V, D) or (P, V, D)
-        if not pop:
+        if _structured(table):
+            x = table.lookup(inputs.reshape(*inputs.shape[:-2], B * T))  # (P, M, D)
+        elif not pop:
             x = F.embedding(inputs.reshape(B * T), table)
         elif shared:
             x = table[:, inputs.reshape(B * T)]
@@ -306,7 +334,11 @@ def transformer_forward(
         x = linear(vec, weights["embed.weight"], weights["embed.bias"])
     lead = x.shape[:-2]
     if c.positional in ("learned", "both"):
-        pos = weights["pos_embed"][..., :T, :]  # (T, D) or (P, T, D)
+        pos = weights["pos_embed"]  # (T_max, D) or (P, T_max, D)
+        if _structured(pos):
+            pos = pos.lookup(torch.arange(T, device=x.device))  # (P, T, D)
+        else:
+            pos = pos[..., :T, :]  # (T, D) or (P, T, D)
         x = (x.view(*lead, B, T, -1) + pos.unsqueeze(-3)).view(*lead, B * T, -1)
     if c.positional in ("sinusoidal", "both"):
         table = sinusoidal_positions(T, c.embed_dim, x.device, x.dtype)
@@ -774,6 +806,38 @@ def _weight_views(config: TransformerConfig, params: Tensor) -> dict[str, Tensor
     return views
 
 
+def prepare_inputs(config: TransformerConfig, inputs: Tensor, popsize: int,
+                   device: torch.device, dtype: torch.dtype, *, validate: bool = True
+                   ) -> tuple[Tensor, Tensor | None, bool]:
+    """Check ``inputs`` for a population pass and make them ready for the layer math.
+
+    Shared by both population front doors (:func:`population_forward` and
+    :func:`evotorch_mqa_moe.lowrank.lowrank_population_forward`). Token ids become
+    int64/int32 and, with ``validate``, are clamped into ``[0, vocab_size)`` for the
+    pass: the returned ``bounds`` (2,) (left on the device, no read-back) go to
+    :func:`_raise_unless_in_vocab` once the pass is queued. Vectors take ``dtype``.
+
+    Returns:
+        ``(inputs, bounds or None, per_individual)``; ``per_individual`` is True for
+        inputs with a leading population axis (P, B, T[, I]).
+    """
+    check_inputs(config, inputs, popsize=popsize, token_range=False)
+    if inputs.device != torch.device(device):
+        raise ValueError(f"inputs are on {inputs.device} but params on {device}")
+    bounds = None
+    if config.token_inputs and validate:
+        # No read-back before the pass is queued: out-of-range ids would fail inside
+        # the embedding (a device-side assert on a GPU), so they are clamped for the
+        # pass and reported, by value, at its end.
+        bounds = _token_bounds(inputs)
+        inputs = _as_index(inputs).clamp(0, config.vocab_size - 1)
+    elif config.token_inputs:
+        inputs = _as_index(inputs)
+    if not config.token_inputs and inputs.dtype != dtype:
+        inputs = inputs.to(dtype)
+    return inputs, bounds, inputs.dim() == (3 if config.token_inputs else 4)
+
+
 def population_forward(
     config: TransformerConfig,
     params: Tensor,
@@ -817,25 +881,12 @@ def population_forward(
     P = params.shape[0]
     if P == 0:
         raise ValueError("params hold no individuals (P=0)")
-    check_inputs(config, inputs, popsize=P, token_range=False)
-    if inputs.device != params.device:
-        raise ValueError(f"inputs are on {inputs.device} but params on {params.device}")
-    bounds = None
-    if config.token_inputs and validate:
-        # No read-back before the pass is queued: out-of-range ids would fail inside
-        # the embedding (a device-side assert on a GPU), so they are clamped for the
-        # pass and reported, by value, at its end.
-        bounds = _token_bounds(inputs)
-        inputs = _as_index(inputs).clamp(0, config.vocab_size - 1)
-    elif config.token_inputs:
-        inputs = _as_index(inputs)
     if type(params) is not Tensor:  # e.g. EvoTorch's ReadOnlyTensor: compute on plain tensors
         params = params.as_subclass(Tensor)
     if params.stride(-1) != 1:
         params = params.contiguous()
-    if not config.token_inputs and inputs.dtype != params.dtype:
-        inputs = inputs.to(params.dtype)
-    per_individual = inputs.dim() == (3 if config.token_inputs else 4)
+    inputs, bounds, per_individual = prepare_inputs(config, inputs, P, params.device,
+                                                    params.dtype, validate=validate)
     if chunk_size is None:
         B, T = (inputs.shape[-2:] if config.token_inputs else inputs.shape[-3:-1])
         chunk_size = default_chunk_size(config, B * T, params.device, params.dtype,
@@ -853,24 +904,70 @@ def population_forward(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                  "float64": torch.float64}
+"""Names accepted by :func:`resolve_dtype` (``--dtype``) and the dtypes they stand for."""
+
+
+def _dtype_works(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``device`` does matrix arithmetic in ``dtype`` (a CUDA GPU must report bf16)."""
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            return False
+    try:
+        a = torch.ones(2, 2, device=device, dtype=dtype)
+        return bool(torch.isfinite((a @ a).softmax(-1).float().cpu()).all())
+    except (RuntimeError, TypeError):  # the backend has no kernel for it
+        return False
+
+
+def resolve_dtype(dtype: str | torch.dtype | None,
+                  device: str | torch.device | None = None) -> torch.dtype:
+    """The compute dtype named by ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float64"``
+    or that torch dtype; ``None``: float32), checked to work on ``device``.
+
+    Raises:
+        ValueError: an unknown name, or a dtype that ``device`` cannot compute in (e.g.
+            bfloat16 on a GPU older than NVIDIA Ampere); the message names both.
+    """
+    if dtype is None:
+        return torch.float32
+    resolved = COMPUTE_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in COMPUTE_DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    device = torch.device(device if device is not None else "cpu")
+    if resolved != torch.float32 and device.type != "meta" and not _dtype_works(resolved, device):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise ValueError(f"dtype {str(resolved).removeprefix('torch.')} is not supported on "
+                         f"device {device} ({name}); use float32 there")
+    return resolved
+
+
 class PopulationModel:
     """A population of networks as one callable: ``model(inputs) -> outputs``.
 
     This is what tasks receive: they sample inputs, call the model and score
     the outputs, without caring how the population is chunked or where it lives.
 
+    ``compute_dtype`` (e.g. ``torch.bfloat16``): run the forward pass in that dtype
+    (the weights are cast for the pass) and hand the outputs back in ``params``'
+    dtype, so that tasks score and accumulate fitness in float32.
+
     Attributes:
-        config, params (P, N), popsize, device, dtype.
+        config, params (P, N), popsize, device, dtype (of ``params`` and the
+        outputs), compute_dtype.
     """
 
     def __init__(self, config: TransformerConfig, params: Tensor, *,
-                 chunk_size: int | None = None, memory_budget: int | None = None):
+                 chunk_size: int | None = None, memory_budget: int | None = None,
+                 compute_dtype: torch.dtype | None = None):
         if not isinstance(params, Tensor) or params.dim() != 2:
             raise ValueError("params must be a (P, N) tensor")
         self.config = config
         self.params = params
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
+        self.compute_dtype = params.dtype if compute_dtype is None else compute_dtype
 
     @classmethod
     def from_module(cls, module: MQAMoETransformer) -> PopulationModel:
@@ -892,5 +989,9 @@ class PopulationModel:
 
     def __call__(self, inputs: Tensor) -> Tensor:
         """(B, T[, I]) shared or (P, B, T[, I]) per individual -> (P, B, T, O) or (P, B, O)."""
-        return population_forward(self.config, self.params, inputs, chunk_size=self.chunk_size,
-                                  memory_budget=self.memory_budget)
+        params = self.params
+        if self.compute_dtype != params.dtype:
+            params = params.to(self.compute_dtype)
+        out = population_forward(self.config, params, inputs, chunk_size=self.chunk_size,
+                                 memory_budget=self.memory_budget)
+        return out.to(self.params.dtype)

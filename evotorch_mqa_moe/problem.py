@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from ._validate import check_int
 from .config import TransformerConfig
 from .genes import gene_groups
-from .model import MQAMoETransformer, PopulationModel, init_parameters, num_parameters
+from .model import (
+    MQAMoETransformer,
+    PopulationModel,
+    init_parameters,
+    num_parameters,
+    resolve_dtype,
+)
 from .task import Task
 
 __all__ = ["TransformerProblem", "worst_for_nonfinite"]
@@ -79,6 +85,11 @@ class TransformerProblem(NEProblem):
             generation are compared on the same batch); ``"never"``: one fixed
             batch for the whole run.
         chunk_size, memory_budget: see :func:`~evotorch_mqa_moe.model.population_forward`.
+        compute_dtype: the forward pass's dtype, ``"float32"`` (default) or
+            ``"bfloat16"`` (``--dtype``): solutions, searcher state and fitness stay
+            float32; each evaluation casts the population for the pass and the outputs
+            back (:class:`~evotorch_mqa_moe.model.PopulationModel`). ``lowrank-es`` also
+            keeps its factors in it. A device without bf16 arithmetic is a ``ValueError``.
         num_actors, num_gpus_per_actor, actor_config, num_subbatches, subbatch_size:
             EvoTorch's Ray parallelism; each actor evaluates its piece vectorised.
             With the same ``seed``, a run with actors is the same search as one
@@ -117,6 +128,7 @@ class TransformerProblem(NEProblem):
         data_refresh: str = "evaluation",
         chunk_size: int | None = None,
         memory_budget: int | None = None,
+        compute_dtype: str | torch.dtype | None = None,
         num_actors: int | str | None = None,
         num_gpus_per_actor: int | float | str | None = None,
         actor_config: dict | None = None,
@@ -141,6 +153,7 @@ class TransformerProblem(NEProblem):
         self.data_refresh = data_refresh
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
+        self.compute_dtype = resolve_dtype(compute_dtype, device)
         # The data stream is separate from the searcher's random numbers, so every
         # searcher run with the same seed sees the same sequence of batches.
         if seed is None:
@@ -278,6 +291,7 @@ class TransformerProblem(NEProblem):
         """
         values, _ = self._as_values(solutions)
         return PopulationModel(self.config, values.to(self.network_device),
+                               compute_dtype=self.compute_dtype,
                                chunk_size=self.chunk_size, memory_budget=self.memory_budget)
 
     # ------------------------------------------------------------ data stream

@@ -141,6 +141,9 @@ class SearcherSpec:
         default_stdev: the search / mutation stdev when none is given.
         needs_gradient: True for searchers that backpropagate the task's loss; they
             refuse tasks without ``sample`` + ``loss`` (cartpole) with one clear error.
+        dense_population: True (default) when the searcher stores ``popsize`` full
+            solution vectors (``run`` then refuses a population that cannot fit in
+            memory); False for ``lowrank-es``, whose individuals are low-rank factors.
         search_space: declarative ranges for tuning, ``{option: entry}`` with entry
             ``("log", low, high)`` (log-uniform: multiplicative scales),
             ``("float", low, high)``, ``("int", low, high[, step])`` (inclusive) or
@@ -156,6 +159,7 @@ class SearcherSpec:
     needs_gradient: bool = False
     search_space: Mapping[str, tuple] = field(default_factory=dict)
     default_stdev: float = 0.05
+    dense_population: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
@@ -537,3 +541,24 @@ def _register_hybrids() -> None:
 
 
 _register_hybrids()
+
+
+# ----------------------------------------------------------------------------- low-rank
+def _build_lowrank_es(problem: TransformerProblem, *, popsize: int, stdev: float,
+                      **options: Any) -> Searcher:
+    from .lowrank import build_lowrank_es
+
+    return build_lowrank_es(problem, popsize=popsize, stdev=stdev, **options)
+
+
+def _register_lowrank() -> None:
+    from .lowrank import SEARCH_SPACE
+
+    register(SearcherSpec(
+        "lowrank-es", "evolution strategy over low-rank populations (EGGROLL): shared weights "
+        "+ rank-r factors per individual, antithetic, centred ranks, Adam",
+        _build_lowrank_es, default_popsize=200, min_popsize=2, search_space=SEARCH_SPACE,
+        default_stdev=0.02, dense_population=False))
+
+
+_register_lowrank()

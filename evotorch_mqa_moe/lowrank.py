@@ -1,0 +1,670 @@
+"""Low-rank populations and the low-rank evolution strategy (``lowrank-es``).
+
+After EGGROLL (Sarkar et al. 2025, "Evolution Strategies at the Hyperscale"):
+individual ``p`` of a population is the shared weights plus, for every weight
+matrix ``W`` (R x C), a rank-``r`` perturbation, and for every small vector
+(biases, LayerNorm affine weights) a dense one::
+
+    W_p = W + s * A_p B_p^T        A_p (R, r), B_p (C, r), s = sigma / sqrt(r)
+    v_p = v + sigma * e_p          e_p (n,)
+
+so a layer computes ``x_p W + s (x_p A_p) B_p^T``: one large GEMM with the shared
+``W`` over the whole population's token rows plus two thin per-individual GEMMs.
+The population's own memory is ``P * (r * (R + C) + n)`` numbers instead of
+``P * N``: the seed-size model (N = 64M) at P = 256 and r = 1 holds 0.2 GB of factors
+where a dense population would hold 66 GB.
+
+Which parameters are matrices: every parameter with two or more axes that is not
+a bias, taken as the matrix its GEMM uses (see :func:`lowrank_layout`): the fused
+Q/K/V and output projections, the gate (and the attention gate's query/key), the
+experts' ``in_weight`` (D, E*F) and ``out_weight`` (E*F, D), the head, and the
+**embedding tables** (token embedding (V, D), learned positions (T, D)): a table
+row is looked up as ``W[t] + s A_p[t] B_p^T``, so a dense per-individual table (P x
+V x D: 5 GB at V = 10,000, P = 256) is never built. The experts' biases
+(E, F) / (E, D) are biases: dense, like all 1-D parameters.
+
+The forward pass is :func:`~evotorch_mqa_moe.model.transformer_forward`, the same
+layer math as the dense :func:`~evotorch_mqa_moe.model.population_forward`: every
+matrix is handed to it as a :class:`LowRankWeight`, which stands for the (P, R, C)
+tensor ``W + s A_p B_p^T`` and computes its own GEMM. :meth:`LowRankPopulation.materialize`
+builds the dense (P, N) population that the same pass evaluates identically
+(tests/test_lowrank.py).
+
+The searcher, :class:`LowRankES` (``--searcher lowrank-es``), is an evolution
+strategy on the shared weights: antithetic pairs (individual ``2k + 1`` is ``2k``
+with every perturbation negated), centred-rank fitness shaping (ties share their
+rank), and Adam (default) or ClipUp on the shared weights; the gradient estimate
+is assembled from the factors, one (R, P/2 * r) x (P/2 * r, C) GEMM per matrix,
+without materialising any individual.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import TransformerConfig
+from .model import (
+    _raise_unless_in_vocab,
+    default_chunk_size,
+    parameter_layout,
+    prepare_inputs,
+    transformer_forward,
+)
+
+__all__ = [
+    "Block",
+    "lowrank_layout",
+    "check_rank",
+    "LowRankWeight",
+    "LowRankPopulation",
+    "LowRankNoise",
+    "lowrank_population_forward",
+    "centered_ranks",
+    "Adam",
+    "ClipUp",
+    "LowRankES",
+    "build_lowrank_es",
+    "SEARCH_SPACE",
+]
+
+# How many leading axes of a parameter form the rows of its matrix view (default 1):
+# an expert's second layer (E, F, D) runs as one (E*F, D) GEMM.
+_ROW_AXES = {"moe.out_weight": 2}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One parameter of the flat solution vector, as the low-rank population sees it.
+
+    Attributes:
+        name, shape: as in :func:`~evotorch_mqa_moe.model.parameter_layout`.
+        offset: its first position in the flat (N,) vector.
+        rows, cols: the matrix view (R, C) of a low-rank parameter; ``None`` for a
+            dense (vector) one.
+        vector_offset: for a dense parameter, its first column in the (P, n) matrix of
+            per-individual vectors; ``None`` for a low-rank one.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    rows: int | None
+    cols: int | None
+    vector_offset: int | None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def lowrank(self) -> bool:
+        return self.rows is not None
+
+
+def lowrank_layout(config: TransformerConfig) -> tuple[Block, ...]:
+    """Every parameter in flat-vector order: low-rank matrix (with its (R, C) view) or
+    dense vector. Matrices are the parameters with two or more axes whose name does
+    not end in ``bias``; the rest (biases, LayerNorm weights) are vectors."""
+    blocks, offset, vector_offset = [], 0, 0
+    for name, shape in parameter_layout(config):
+        suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
+        if len(shape) >= 2 and not name.endswith("bias"):
+            split = _ROW_AXES.get(suffix, 1)
+            blocks.append(Block(name, shape, offset, math.prod(shape[:split]),
+                                math.prod(shape[split:]), None))
+        else:
+            blocks.append(Block(name, shape, offset, None, None, vector_offset))
+            vector_offset += math.prod(shape)
+        offset += math.prod(shape)
+    return tuple(blocks)
+
+
+def _num_vector_genes(layout: tuple[Block, ...]) -> int:
+    return sum(b.size for b in layout if not b.lowrank)
+
+
+def check_rank(config: TransformerConfig, rank: Any) -> int:
+    """``rank`` as an int in ``[1, min(R, C)]`` over every matrix of ``config``.
+
+    Raises:
+        ValueError: naming the rank and, when it is too large, the matrix that limits it.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    smallest = min((b for b in lowrank_layout(config) if b.lowrank),
+                   key=lambda b: min(b.rows, b.cols))
+    limit = min(smallest.rows, smallest.cols)
+    if rank > limit:
+        raise ValueError(f"rank must be <= min(rows, cols) = {limit} of every matrix "
+                         f"({smallest.name} is {smallest.rows} x {smallest.cols}), got {rank}")
+    return rank
+
+
+# ----------------------------------------------------------------------------- the pass
+class LowRankWeight:
+    """A population of P matrices ``W + scale * A_p B_p^T`` (R x C), never materialised.
+
+    Stands for the (P, R, C) tensor in the layer math of :mod:`evotorch_mqa_moe.model`
+    through the operations it uses: ``.shape``, ``.dim()``, column slices
+    ``weight[..., a:b]``, :meth:`linear` and :meth:`lookup`.
+
+    Args:
+        shared: W (R, C), the same for every individual.
+        a: (P, R, r) and b: (P, C, r) the factors (antithetic signs folded into ``a``).
+        scale: ``sigma / sqrt(r)``.
+    """
+
+    __slots__ = ("shared", "a", "b", "scale")
+
+    def __init__(self, shared: Tensor, a: Tensor, b: Tensor, scale: float):
+        self.shared, self.a, self.b, self.scale = shared, a, b, float(scale)
+
+    @property
+    def shape(self) -> torch.Size:
+        """(P, R, C)."""
+        return torch.Size((self.a.shape[0], *self.shared.shape))
+
+    def dim(self) -> int:
+        return 3
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shared.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.device
+
+    def __getitem__(self, key: Any) -> LowRankWeight:
+        """``weight[..., a:b]``: the population of column slices (no copy)."""
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] is Ellipsis
+                and isinstance(key[1], slice)):
+            raise TypeError(f"a LowRankWeight takes column slices weight[..., a:b] only, "
+                            f"got {key!r}")
+        return LowRankWeight(self.shared[:, key[1]], self.a, self.b[:, key[1]], self.scale)
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """``x_p W_p + bias_p``: x (P, M, R) or shared (M, R), bias (P, C) -> (P, M, C).
+
+        The shared GEMM runs once over all P*M rows; the bias rides in the thin
+        per-individual GEMM as one more rank column: ``[x_p A_p, 1] [s B_p, b_p]^T``.
+        """
+        P, R, C = self.shape
+        y = torch.matmul(x, self.shared)  # (P, M, C), or (M, C) for shared rows
+        xa = torch.matmul(x, self.a)  # (P, M, r)
+        b = self.b * self.scale
+        if bias is not None:
+            xa = torch.cat([xa, xa.new_ones(*xa.shape[:-1], 1)], dim=-1)
+            b = torch.cat([b, bias.unsqueeze(-1)], dim=-1)  # (P, C, r + 1)
+        if y.dim() == 2:
+            return torch.baddbmm(y, xa, b.transpose(-1, -2))
+        return y.baddbmm_(xa, b.transpose(-1, -2))
+
+    def lookup(self, index: Tensor) -> Tensor:
+        """Rows ``index`` of every individual's table: (M,) shared or (P, M) -> (P, M, C)."""
+        P = self.a.shape[0]
+        if index.dim() == 1:
+            rows, a = self.shared[index], self.a[:, index]  # (M, C), (P, M, r)
+        else:
+            rows = self.shared[index]  # (P, M, C)
+            a = self.a[torch.arange(P, device=index.device)[:, None], index]
+        return torch.baddbmm(rows, a, self.b.transpose(-1, -2), alpha=self.scale)
+
+    def materialize(self) -> Tensor:
+        """The dense (P, R, C) population of matrices."""
+        return torch.baddbmm(self.shared, self.a, self.b.transpose(-1, -2), alpha=self.scale)
+
+
+class LowRankPopulation:
+    """P networks as shared weights plus per-individual low-rank factors and vectors.
+
+    What tasks receive (like :class:`~evotorch_mqa_moe.model.PopulationModel`):
+    ``population(inputs) -> outputs``, with ``popsize``, ``device`` and ``dtype``.
+
+    Args:
+        config: the architecture.
+        shared: (N,) the shared weights (only the matrices' entries are read; the
+            vectors come from ``vectors``), in the compute dtype.
+        factors: ``{name: (A (P, R, r), B (P, C, r))}`` for every low-rank parameter of
+            :func:`lowrank_layout`.
+        vectors: (P, n) every individual's dense parameters, in layout order.
+        scale: the factors' multiplier, ``sigma / sqrt(r)``.
+        output_dtype: dtype of the outputs handed to the task (default: the compute
+            dtype); ``torch.float32`` keeps fitness in float32 under a bf16 pass.
+        chunk_size, memory_budget: as for :func:`~evotorch_mqa_moe.model.population_forward`.
+    """
+
+    def __init__(self, config: TransformerConfig, shared: Tensor,
+                 factors: Mapping[str, tuple[Tensor, Tensor]], vectors: Tensor, scale: float, *,
+                 output_dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                 memory_budget: int | None = None):
+        self.config = config
+        self.layout = lowrank_layout(config)
+        n = _num_vector_genes(self.layout)
+        N = self.layout[-1].offset + self.layout[-1].size
+        if shared.dim() != 1 or shared.shape[0] != N:
+            raise ValueError(f"shared must be (N,) = ({N},), got {tuple(shared.shape)}")
+        if vectors.dim() != 2 or vectors.shape[1] != n:
+            raise ValueError(f"vectors must be (P, {n}), got {tuple(vectors.shape)}")
+        P = vectors.shape[0]
+        for block in self.layout:
+            if not block.lowrank:
+                continue
+            a, b = factors[block.name]
+            if a.shape[:2] != (P, block.rows) or b.shape[:2] != (P, block.cols):
+                raise ValueError(f"factors of {block.name} must be ({P}, {block.rows}, r) and "
+                                 f"({P}, {block.cols}, r), got {tuple(a.shape)} and "
+                                 f"{tuple(b.shape)}")
+        self.shared, self.factors, self.vectors = shared, dict(factors), vectors
+        self.scale = float(scale)
+        self.output_dtype = output_dtype or shared.dtype
+        self.chunk_size, self.memory_budget = chunk_size, memory_budget
+
+    @property
+    def popsize(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The outputs' dtype (float inputs may be given in it; the pass casts them)."""
+        return self.output_dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.shared.dtype
+
+    def weights(self, start: int = 0, stop: int | None = None) -> dict[str, Any]:
+        """``name -> LowRankWeight`` (matrices) or (p, *shape) view (vectors), individuals
+        ``start:stop``: what :func:`~evotorch_mqa_moe.model.transformer_forward` takes."""
+        stop = self.popsize if stop is None else stop
+        out: dict[str, Any] = {}
+        for b in self.layout:
+            if b.lowrank:
+                a, f = self.factors[b.name]
+                w = self.shared[b.offset : b.offset + b.size].view(b.rows, b.cols)
+                out[b.name] = LowRankWeight(w, a[start:stop], f[start:stop], self.scale)
+            else:
+                block = self.vectors[start:stop, b.vector_offset : b.vector_offset + b.size]
+                out[b.name] = block.view(stop - start, *b.shape)
+        return out
+
+    def materialize(self) -> Tensor:
+        """The dense (P, N) population (for tests and small models: P x N numbers)."""
+        out = self.shared.new_empty(self.popsize, self.shared.shape[0])
+        for name, w in self.weights().items():
+            b = next(x for x in self.layout if x.name == name)
+            value = w.materialize() if b.lowrank else w
+            out[:, b.offset : b.offset + b.size] = value.reshape(self.popsize, -1)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of the per-individual state (factors and vectors; not the shared weights)."""
+        factors = sum(t.numel() * t.element_size() for ab in self.factors.values() for t in ab)
+        return factors + self.vectors.numel() * self.vectors.element_size()
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        """(B, T[, I]) shared or (P, B, T[, I]) per individual -> (P, B, T, O) or (P, B, O)."""
+        return lowrank_population_forward(self, inputs, chunk_size=self.chunk_size,
+                                          memory_budget=self.memory_budget
+                                          ).to(self.output_dtype)
+
+
+def lowrank_population_forward(population: LowRankPopulation, inputs: Tensor, *,
+                               chunk_size: int | None = None, memory_budget: int | None = None,
+                               validate: bool = True) -> Tensor:
+    """The whole low-rank population on ``inputs``, in chunks of individuals.
+
+    The sibling of :func:`~evotorch_mqa_moe.model.population_forward` (same checks,
+    same layer math): row ``p`` of the result equals ``population_forward`` of
+    ``population.materialize()[p]``.
+
+    Args:
+        population: a :class:`LowRankPopulation`.
+        inputs: tokens (B, T) / vectors (B, T, I) shared, or (P, B, ...) per individual.
+        chunk_size: individuals per chunk; default from ``memory_budget``
+            (:func:`~evotorch_mqa_moe.model.default_chunk_size`).
+    Returns:
+        (P, B, T, O), or (P, B, O) when the config pools, in the compute dtype.
+    """
+    config, P = population.config, population.popsize
+    inputs, bounds, per_individual = prepare_inputs(config, inputs, P, population.device,
+                                                    population.compute_dtype, validate=validate)
+    if chunk_size is None:
+        B, T = inputs.shape[-2:] if config.token_inputs else inputs.shape[-3:-1]
+        chunk_size = default_chunk_size(config, B * T, population.device,
+                                        population.compute_dtype, memory_budget, seq_len=T)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    outputs = []
+    for start in range(0, P, chunk_size):
+        stop = min(P, start + chunk_size)
+        chunk_inputs = inputs[start:stop] if per_individual else inputs
+        outputs.append(transformer_forward(config, population.weights(start, stop),
+                                           chunk_inputs))
+    if bounds is not None:
+        _raise_unless_in_vocab(config, bounds)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+# ----------------------------------------------------------------------------- sampling
+class LowRankNoise:
+    """Unit-variance search directions of P/2 antithetic pairs, stored as factors.
+
+    Direction ``k`` is, for every matrix, ``A_k B_k^T / sqrt(r)`` (A, B standard normal:
+    every entry has variance 1) and, for the vectors, ``e_k`` (standard normal).
+    Individual ``2k`` is the centre plus ``sigma`` times direction ``k``, individual
+    ``2k + 1`` minus it.
+
+    Attributes:
+        config, rank, pairs; ``a``/``b``: ``{name: (pairs, R, r) / (pairs, C, r)}``;
+        ``vectors``: (pairs, n). Float32 (or float64), whatever the compute dtype.
+    """
+
+    def __init__(self, config: TransformerConfig, pairs: int, rank: int, *,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.config, self.rank, self.pairs = config, check_rank(config, rank), pairs
+        self.layout = lowrank_layout(config)
+        n = _num_vector_genes(self.layout)
+        sizes = [pairs * n] + [pairs * rank * (b.rows + b.cols) for b in self.layout if b.lowrank]
+        rng_device = generator.device if generator is not None else torch.device("cpu")
+        flat = torch.randn(sum(sizes), generator=generator, device=rng_device, dtype=dtype)
+        flat = flat.to(device if device is not None else rng_device)  # one draw, one copy
+        self.vectors = flat[: sizes[0]].view(pairs, n)
+        self.a: dict[str, Tensor] = {}
+        self.b: dict[str, Tensor] = {}
+        offset = sizes[0]
+        for block in self.layout:
+            if block.lowrank:
+                na, nb = pairs * block.rows * rank, pairs * block.cols * rank
+                self.a[block.name] = flat[offset : offset + na].view(pairs, block.rows, rank)
+                self.b[block.name] = flat[offset + na : offset + na + nb].view(pairs, block.cols,
+                                                                               rank)
+                offset += na + nb
+
+    def population(self, center: Tensor, sigma: float, *, dtype: torch.dtype | None = None,
+                   **kwargs: Any) -> LowRankPopulation:
+        """The 2 * pairs antithetic individuals around ``center`` (N,), in ``dtype``
+        (default ``center``'s); ``kwargs`` go to :class:`LowRankPopulation`."""
+        dtype = dtype or center.dtype
+        shared = center.to(dtype)
+        factors = {}
+        for name, a in self.a.items():
+            a = a.to(dtype)
+            signed = torch.stack([a, -a], dim=1).flatten(0, 1)  # (2 pairs, R, r): +, -
+            factors[name] = (signed, self.b[name].to(dtype).repeat_interleave(2, dim=0))
+        base = torch.cat([center[b.offset : b.offset + b.size] for b in self.layout
+                          if not b.lowrank])
+        step = self.vectors * sigma
+        vectors = torch.stack([base + step, base - step], dim=1).flatten(0, 1).to(dtype)
+        return LowRankPopulation(self.config, shared, factors, vectors,
+                                 sigma / math.sqrt(self.rank), **kwargs)
+
+    def gradient(self, utilities: Tensor, sigma: float) -> Tensor:
+        """The ES estimate ``1 / (P sigma) * sum_i u_i d_i`` (N,) from the factors.
+
+        ``utilities`` (P,) of the 2 * pairs individuals (``d_{2k+1} = -d_{2k}``, so
+        only the pair differences ``u_{2k} - u_{2k+1}`` enter); one
+        (R, pairs * r) x (pairs * r, C) GEMM per matrix. In the noise's dtype.
+        """
+        P = 2 * self.pairs
+        if utilities.shape != (P,):
+            raise ValueError(f"utilities must be ({P},), got {tuple(utilities.shape)}")
+        diff = (utilities[0::2] - utilities[1::2]).to(self.vectors.dtype)  # (pairs,)
+        total = self.layout[-1].offset + self.layout[-1].size
+        grad = self.vectors.new_empty(total)
+        vector_grad = diff @ self.vectors / (P * sigma)  # (n,)
+        coef = 1.0 / (P * sigma * math.sqrt(self.rank))
+        for block in self.layout:
+            if block.lowrank:
+                a, b = self.a[block.name], self.b[block.name]  # (pairs, R, r), (pairs, C, r)
+                left = (a * diff[:, None, None]).permute(1, 0, 2).reshape(block.rows, -1)
+                right = b.permute(0, 2, 1).reshape(-1, block.cols)  # (pairs * r, C)
+                value = torch.mm(left, right).mul_(coef)
+            else:
+                value = vector_grad[block.vector_offset : block.vector_offset + block.size]
+            grad[block.offset : block.offset + block.size] = value.reshape(-1)
+        return grad
+
+
+def centered_ranks(fitness: Tensor) -> Tensor:
+    """Centred ranks in [-0.5, 0.5] of ``fitness`` (P,) (higher is better); tied values
+    share the mean of their ranks, so equal fitness gives equal utility."""
+    P = fitness.shape[0]
+    if P < 2:
+        return torch.zeros_like(fitness, dtype=torch.float32)
+    ordered = fitness.sort().values
+    low = torch.searchsorted(ordered, fitness, right=False)
+    high = torch.searchsorted(ordered, fitness, right=True)
+    rank = (low + high - 1).to(torch.float32) / 2  # 0 .. P-1, ties averaged
+    return rank / (P - 1) - 0.5
+
+
+# ----------------------------------------------------------------------------- optimisers
+class Adam:
+    """Adam (Kingma and Ba 2015) ascending a flat (N,) vector with float32 state."""
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.steps = 0
+        self.m: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, x: Tensor, grad: Tensor) -> None:
+        """``x += lr * m_hat / (sqrt(v_hat) + eps)`` (ascent), in place."""
+        if self.m is None:
+            self.m, self.v = torch.zeros_like(x), torch.zeros_like(x)
+        b1, b2 = self.betas
+        self.steps += 1
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v / (1 - b2**self.steps)).sqrt_().add_(self.eps)
+        x.addcdiv_(self.m, denom, value=self.lr / (1 - b1**self.steps))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.m, self.v = state["steps"], state["m"], state["v"]
+
+
+class ClipUp:
+    """ClipUp (Toklu et al. 2020): normalised gradient steps of ``lr`` with heavy-ball
+    ``momentum``, the velocity clipped to ``max_speed`` (EvoTorch's PGPE default)."""
+
+    def __init__(self, lr: float, max_speed: float | None = None, momentum: float = 0.9):
+        self.lr, self.momentum = lr, momentum
+        self.max_speed = 2 * lr if max_speed is None else max_speed
+        self.steps = 0
+        self.velocity: Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, x: Tensor, grad: Tensor) -> None:
+        if self.velocity is None:
+            self.velocity = torch.zeros_like(x)
+        direction = grad / grad.norm().clamp_min(torch.finfo(grad.dtype).tiny)
+        v = self.velocity.mul_(self.momentum).add_(direction, alpha=self.lr)
+        v.mul_((self.max_speed / v.norm().clamp_min(torch.finfo(v.dtype).tiny)).clamp(max=1))
+        x.add_(v)  # no read-back: the clip is a multiplication by min(1, max_speed / |v|)
+        self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "velocity": self.velocity}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.velocity = state["steps"], state["velocity"]
+
+
+OPTIMIZERS = ("adam", "clipup")
+
+
+# ----------------------------------------------------------------------------- the searcher
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class LowRankES:
+    """Evolution strategy over low-rank populations (EGGROLL), behind the searcher protocol.
+
+    One :meth:`step`: draw ``popsize / 2`` antithetic pairs of low-rank directions with
+    the problem's generator, evaluate the ``popsize`` individuals in one low-rank pass
+    on one fresh batch of the problem's data stream, shape the fitness into centred
+    ranks, assemble the gradient estimate from the factors and take one optimiser
+    step on the shared weights (the centre, float32).
+
+    Args:
+        problem: a :class:`~evotorch_mqa_moe.problem.TransformerProblem`; its
+            ``compute_dtype`` (``--dtype``) is the population's and the forward's dtype
+            (bfloat16: factors, shared weights' copy and pass in bf16; outputs, fitness,
+            the gradient estimate and the optimiser in float32).
+        popsize: individuals per generation, even (antithetic pairs), >= 2.
+        sigma: perturbation scale (every perturbed entry has standard deviation sigma).
+        rank: r, the rank of every matrix perturbation, in [1, min(R, C)] of every matrix.
+        optimizer: ``"adam"`` or ``"clipup"``.
+        lr: the optimiser's learning rate (ClipUp: its step length).
+        max_speed: ClipUp's velocity limit (default 2 * lr).
+        momentum: ClipUp's momentum (Adam's beta1 stays 0.9).
+    Raises:
+        ValueError: naming a bad option and its value.
+    """
+
+    name = "lowrank-es"
+
+    def __init__(self, problem: Any, *, popsize: int, sigma: float, rank: int = 1,
+                 optimizer: str = "adam", lr: float = 0.01, max_speed: float | None = None,
+                 momentum: float = 0.9):
+        if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 2 or popsize % 2:
+            raise ValueError(f"popsize of lowrank-es must be an even integer >= 2 (antithetic "
+                             f"pairs), got {popsize!r}")
+        self.sigma = _positive("sigma", sigma)
+        self.rank = check_rank(problem.config, rank)
+        self.lr = _positive("lr", lr)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if max_speed is not None:
+            _positive("max_speed", max_speed)
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not (
+                0 <= momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.problem, self.popsize = problem, popsize
+        self.compute_dtype = getattr(problem, "compute_dtype", torch.float32)
+        self.center = problem.init_center().as_subclass(Tensor).to(problem.device, torch.float32)
+        self.optimizer = (Adam(self.lr) if optimizer == "adam"
+                          else ClipUp(self.lr, max_speed, momentum))
+        self.steps = 0
+        self._evaluations = 0
+        self._best_eval = -math.inf
+        self._pop_best = math.nan
+        self._mean = math.nan
+
+    def sample(self) -> tuple[LowRankNoise, LowRankPopulation]:
+        """The next generation's directions and population (draws from the problem's generator)."""
+        noise = LowRankNoise(self.problem.config, self.popsize // 2, self.rank,
+                             generator=self.problem.generator, device=self.center.device)
+        population = noise.population(self.center, self.sigma, dtype=self.compute_dtype,
+                                      output_dtype=torch.float32,
+                                      chunk_size=self.problem.chunk_size,
+                                      memory_budget=self.problem.memory_budget)
+        return noise, population
+
+    def step(self) -> None:
+        """One generation: sample, evaluate on one fresh batch, update the centre."""
+        from .problem import _replace_nonfinite
+
+        noise, population = self.sample()
+        self.problem.next_generation()
+        with torch.no_grad():
+            fitness = self.problem.task.fitness(population, self.problem.data_generator())
+        fitness = torch.as_tensor(fitness).reshape(-1).to(self.center.device, torch.float32)
+        if fitness.shape != (self.popsize,):
+            raise ValueError(f"task {self.problem.task.name!r} returned {fitness.shape[0]} "
+                             f"fitness values for {self.popsize} individuals")
+        fitness, _ = _replace_nonfinite(fitness)
+        grad = noise.gradient(centered_ranks(fitness), self.sigma)
+        self.optimizer.step(self.center, grad)
+        self.steps += 1
+        self._evaluations += self.popsize
+        best, mean = torch.stack([fitness.max(), fitness.mean()]).tolist()  # one read-back
+        self._pop_best, self._mean = best, mean
+        if not self._best_eval >= best:
+            self._best_eval = best
+
+    @property
+    def evaluations(self) -> int:
+        """Forward-equivalents so far: ``popsize`` per generation."""
+        return self._evaluations
+
+    def current_solution(self) -> Tensor:
+        """(N,) the shared weights (the distribution's centre), float32."""
+        return self.center.detach().clone()
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """``iter``, ``best_eval`` (best so far), ``pop_best_eval``, ``mean_eval``, ``center``."""
+        return {"iter": self.steps, "best_eval": self._best_eval,
+                "pop_best_eval": self._pop_best, "mean_eval": self._mean,
+                "center": self.current_solution()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Shared weights, optimiser state, generator state and counters (weights_only-safe)."""
+        return {"kind": type(self).__name__, "center": self.center.clone(),
+                "optimizer": {k: (v.clone() if isinstance(v, Tensor) else v)
+                              for k, v in self.optimizer.state_dict().items()},
+                "generator": self.problem.generator.get_state(),
+                "steps": self.steps, "evaluations": self._evaluations,
+                "best_eval": self._best_eval, "pop_best_eval": self._pop_best,
+                "mean_eval": self._mean, "data_epoch": self.problem.data_epoch,
+                "data_root": self.problem._data_root}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume exactly from :meth:`state_dict` of a searcher built the same way."""
+        if not isinstance(state, dict) or state.get("kind") != type(self).__name__:
+            kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a {type(self).__name__} state_dict (it holds {kind!r})")
+        center = state["center"]
+        if center.shape != self.center.shape:
+            raise ValueError(f"the saved centre has shape {tuple(center.shape)}, this problem "
+                             f"{tuple(self.center.shape)}")
+        device = self.center.device
+        self.center = center.to(device, torch.float32).clone()
+        self.optimizer.load_state_dict({k: (v.to(device).clone() if isinstance(v, Tensor) else v)
+                                        for k, v in state["optimizer"].items()})
+        self.problem.generator.set_state(state["generator"])
+        self.steps, self._evaluations = state["steps"], state["evaluations"]
+        self._best_eval, self._pop_best = state["best_eval"], state["pop_best_eval"]
+        self._mean = state["mean_eval"]
+        self.problem.data_epoch = state["data_epoch"]
+        self.problem._data_root = state["data_root"]
+
+
+def build_lowrank_es(problem: Any, *, popsize: int, stdev: float, sigma: float | None = None,
+                     rank: int = 1, optimizer: str = "adam", lr: float = 0.01,
+                     max_speed: float | None = None, momentum: float = 0.9) -> LowRankES:
+    """The registry's builder: ``sigma`` defaults to ``stdev`` (``--stdev``)."""
+    return LowRankES(problem, popsize=popsize, sigma=stdev if sigma is None else sigma,
+                     rank=rank, optimizer=optimizer, lr=lr, max_speed=max_speed,
+                     momentum=momentum)
+
+
+SEARCH_SPACE: dict[str, tuple] = {
+    "stdev": ("log", 0.002, 0.2),
+    "lr": ("log", 1e-3, 0.1),
+    "rank": ("int", 1, 2),
+    "optimizer": ("cat", ["adam", "clipup"]),
+    "popsize": ("int", 20, 1000, 2),
+}
+"""Declarative tuning ranges (rank <= 2: the example tasks' smallest matrices are 2 wide)."""
