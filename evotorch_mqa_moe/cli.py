@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="task option, e.g. seq_len=10 (repeatable)")
         p.add_argument("--model", action="append", metavar="NAME=VALUE",
                        help="model config change, e.g. embed_dim=32 (repeatable)")
+        p.add_argument("--preset", default=None, metavar="NAME",
+                       help="model size from a preset (seed: the original 512/6/8/4x2048 "
+                            "model; bench-a); the task keeps its vocabulary, input/output "
+                            "width, causality and pooling; --model changes apply on top")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="the forward pass's dtype (populations, fitness and searcher "
+                            "updates stay float32; lowrank-es keeps its factors in it)")
         p.add_argument("--eval-every", type=int, default=10,
                        help="generations between held-out evaluations")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -221,6 +228,17 @@ def _check_budgets(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-seconds must be a positive finite number, got {args.max_seconds}")
 
 
+def _model(args: argparse.Namespace) -> dict[str, Any]:
+    """The model changes of ``--preset`` (architecture fields only) then ``--model``."""
+    model = {}
+    if args.preset is not None:
+        from .config import preset_overrides
+
+        model.update(preset_overrides(args.preset))  # ValueError naming the known presets
+    model.update(_key_values(args.model, "--model"))
+    return model
+
+
 def _run(args: argparse.Namespace) -> None:
     from .run import RunSettings, run
 
@@ -246,8 +264,8 @@ def _run(args: argparse.Namespace) -> None:
         max_evaluations=args.max_evals, max_seconds=args.max_seconds, popsize=args.popsize,
         seed=args.seed, device=args.device, stdev=args.stdev,
         task_options=_key_values(args.task_option, "--task-option"),
-        model=_key_values(args.model, "--model"), searcher_options=searcher_options,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every)
+        model=_model(args), searcher_options=searcher_options,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, dtype=args.dtype)
     results = run(settings, args.out, resume=args.resume, overwrite=args.overwrite)
     metric = results["target_metric"]
     print(f"{args.task} / {args.searcher}: {metric} = {results['final_metrics'][metric]:.4g} "
@@ -276,8 +294,8 @@ def _compare(args: argparse.Namespace, command: str) -> None:
             max_seconds=args.max_seconds, out=args.out, popsize=args.popsize,
             device=args.device, stdev=args.stdev,
             target=args.target, task_options=_key_values(args.task_option, "--task-option"),
-            model=_key_values(args.model, "--model"), eval_every=args.eval_every,
-            searcher_options=searcher_options, command=command)
+            model=_model(args), eval_every=args.eval_every,
+            searcher_options=searcher_options, command=command, dtype=args.dtype)
 
 
 def _tune(args: argparse.Namespace) -> None:

@@ -150,7 +150,8 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
             stdev: float | None = None, target: float | None = None,
             task_options: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
             eval_every: int = 10, searcher_options: dict[str, dict[str, Any]] | None = None,
-            command: str | None = None, budget_evals: int | None = None) -> Any:
+            command: str | None = None, budget_evals: int | None = None,
+            dtype: str = "float32") -> Any:
     """Run each searcher with seeds ``0..seeds-1`` on ``task`` under one budget.
 
     Args:
@@ -169,6 +170,7 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
         searcher_options: per-searcher constructor overrides, ``{name: {...}}``.
         command: the command line recorded in ``summary.md`` (default ``sys.argv``).
         budget_evals: the former name of ``max_evals``.
+        dtype: the forward pass's dtype (``RunSettings.dtype``), e.g. ``"bfloat16"``.
 
     Returns:
         The ``results.csv`` table as a pandas DataFrame (one row per run).
@@ -212,7 +214,7 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
                 max_seconds=max_seconds, popsize=popsize, seed=seed, device=device, stdev=stdev,
                 task_options=task_options, model=model,
                 searcher_options=dict(searcher_options.get(name, {})),
-                eval_every=eval_every, checkpoint_every=eval_every)
+                eval_every=eval_every, checkpoint_every=eval_every, dtype=dtype)
             folder = out / name / f"seed{seed}"
             resume = (folder / "checkpoint.pt").is_file()
             logger.info(f"compare {task}: run {i * seeds + seed + 1}/{total}: {name} seed {seed}"

@@ -162,3 +162,18 @@ def preset(name: str, **changes: object) -> TransformerConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name].replace(**changes) if changes else PRESETS[name]
+
+
+TASK_FIELDS = ("vocab_size", "input_dim", "output_dim", "causal", "pooling")
+"""The fields a task fixes (what it feeds in, what it scores, whether a model may look
+ahead, whether it pools); :func:`preset_overrides` leaves them to the task."""
+
+
+def preset_overrides(name: str) -> dict[str, object]:
+    """Preset ``name``'s architecture as model changes for any task: every field but
+    :data:`TASK_FIELDS`. ``task.default_config().replace(**preset_overrides("seed"))``
+    is the seed-size model (embed 512, 6 layers, 8 heads, 4 experts of 2,048) with the
+    task's vocabulary and output width; the CLI's ``--preset seed`` does this, and
+    ``--model`` changes apply on top."""
+    config = preset(name)  # ValueError naming the known presets
+    return {k: v for k, v in config.to_dict().items() if k not in TASK_FIELDS}

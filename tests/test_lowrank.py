@@ -339,3 +339,57 @@ def test_cuda_lowrank_pass_matches_cpu(device):
     x = inputs_for(config)
     assert_close_rel(gpu(x.to(device)).cpu(), cpu(x), rel=1e-3)
     assert resolve_dtype("bfloat16", device) == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- run / compare
+TINY = ["--model", "embed_dim=8", "--model", "num_heads=2", "--model", "expert_dim=8"]
+
+
+def _run(out, generations, *extra):
+    from evotorch_mqa_moe.cli import main
+
+    return main(["run", "reverse", "--searcher", "lowrank-es", "--popsize", "8",
+                 "--generations", str(generations), "--eval-every", "1", "--checkpoint-every",
+                 "2", "--quiet", "--out", str(out), *TINY, *extra])
+
+
+def test_run_resume_equals_uninterrupted_and_records_dtype(tmp_path):
+    import pandas as pd
+
+    assert _run(tmp_path / "full", 4) == 0
+    assert _run(tmp_path / "cut", 2) == 0
+    assert _run(tmp_path / "cut", 4, "--resume") == 0
+    full, cut = (pd.read_csv(tmp_path / p / "history.csv") for p in ("full", "cut"))
+    pd.testing.assert_frame_equal(full.drop(columns="wall_time"), cut.drop(columns="wall_time"))
+    a, b = (torch.load(tmp_path / p / "best_model.pt", weights_only=True)["state_dict"]
+            for p in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # bf16: recorded with the run; a float32 resume of it is refused, naming the field
+    assert _run(tmp_path / "bf16", 2, "--dtype", "bfloat16") == 0
+    ckpt = torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=True)
+    assert ckpt["settings"]["dtype"] == "bfloat16"
+    assert "dtype" not in torch.load(tmp_path / "full" / "checkpoint.pt",
+                                     weights_only=True)["settings"]
+    assert _run(tmp_path / "bf16", 3, "--resume") == 2
+
+
+def test_preset_gives_the_preset_architecture_with_the_task_io(tmp_path):
+    import json
+
+    out = tmp_path / "seed"
+    assert _run(out, 1, "--preset", "seed", "--model", "num_layers=1") == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["embed_dim"] == 8 and config["num_layers"] == 1  # --model on top
+    assert (config["num_experts"], config["norm"], config["max_seq_len"]) == (4, "post", 512)
+    task = make_task("reverse").default_config()
+    assert (config["vocab_size"], config["output_dim"], config["causal"]) == (
+        task.vocab_size, task.output_dim, task.causal)
+
+
+def test_compare_runs_lowrank_es(tmp_path):
+    from evotorch_mqa_moe.compare import compare
+
+    table = compare("reverse", ["lowrank-es"], seeds=1, max_evals=16, out=tmp_path,
+                    popsize=8, model={"embed_dim": 8, "num_heads": 2, "expert_dim": 8},
+                    dtype="bfloat16")
+    assert list(table["searcher"]) == ["lowrank-es"] and int(table["evaluations"][0]) == 16
