@@ -4,6 +4,8 @@ Run:
     .venv/bin/python bench/search.py --out results/search            # standard table
     .venv/bin/python bench/search.py --quick --out results/search-quick
     .venv/bin/python bench/search.py --tasks reverse16,sort --searchers ga,pgpe --seeds 3
+    .venv/bin/python bench/search.py --max-seconds 60 --tasks reverse16,sort,addition,language \
+        --searchers lamarck,pbt,ga,pgpe,adam --out results/hybrid      # equal wall time
 
 Every (task, searcher, seed) run goes through :func:`evotorch_mqa_moe.compare.compare`
 (the same machinery as ``evotorch-mqa-moe compare``: one folder per run, resumable,
@@ -17,7 +19,10 @@ median [min-max] over seeds of the held-out target metric at the end of the budg
 how many seeds reached the task's threshold (90% of the way from chance to ceiling,
 or the value given below), and the median evaluations and wall time to reach it.
 Budgets are in evaluations (forward-equivalents: a backward counts as 2 forwards,
-so ``adam`` gets a third of the steps an evaluation budget would suggest).
+so ``adam`` gets a third of the steps an evaluation budget would suggest), or, with
+``--max-seconds S``, S seconds of wall time per run (the evaluation budget is then
+not a limit; the table reports the evaluations each searcher spent). Wall-time budgets
+are only as fair as the machine is quiet: run them with nothing else on the cores.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ QUICK_FACTOR = 0.2  # --quick: a fifth of each budget, one seed
 
 
 def _run_task(key: str, task: str, options: dict[str, Any], budget: int, threshold,
-              searchers: list[str], seeds: int, out: str, eval_every: int) -> str:
+              searchers: list[str], seeds: int, out: str, eval_every: int,
+              max_seconds: float | None = None) -> str:
     import logging
 
     import evotorch  # noqa: F401  (creates its loggers, quietened next)
@@ -66,10 +72,12 @@ def _run_task(key: str, task: str, options: dict[str, Any], budget: int, thresho
     usable = list(searchers)
     if not callable(getattr(make_task(task, **options), "loss", None)):
         usable = [s for s in usable if s not in NOT_GRADIENT_FREE]
+    limit = f"--max-seconds {max_seconds:g}" if max_seconds else f"--budget-evals {budget}"
     command = (f"bench/search.py task {key}: compare {task} {options} "
-               f"--searchers {','.join(usable)} --seeds {seeds} --budget-evals {budget}")
-    compare(task, usable, seeds=seeds, budget_evals=budget, out=Path(out) / key,
-            task_options=options, target=threshold, eval_every=eval_every, command=command)
+               f"--searchers {','.join(usable)} --seeds {seeds} {limit}")
+    compare(task, usable, seeds=seeds, max_evals=None if max_seconds else budget,
+            max_seconds=max_seconds, out=Path(out) / key, task_options=options,
+            target=threshold, eval_every=eval_every, command=command)
     return key
 
 
@@ -77,29 +85,33 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
-def table(out: Path, keys: list[str], scale: float = 1.0) -> str:
-    """The suite's markdown table from each task's ``results.csv`` (budgets x ``scale``)."""
+def table(out: Path, keys: list[str], scale: float = 1.0,
+          max_seconds: float | None = None) -> str:
+    """The suite's markdown table from each task's ``results.csv`` (budgets x ``scale``,
+    or ``max_seconds`` of wall time per run)."""
     import pandas as pd
 
-    lines = ["| task | budget (evals) | searcher | final metric: median [min-max] | "
+    lines = ["| task | budget | searcher | final metric: median [min-max] | "
              "reached threshold | median evals to threshold | median time to threshold (s) | "
-             "median wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+             "median evaluations spent | median wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key in keys:
         path = out / key / "results.csv"
         if not path.is_file():
             continue
         t = pd.read_csv(path)
-        budget = max(1, int(STANDARD[key][2] * scale))
+        budget = (f"{max_seconds:g} s" if max_seconds
+                  else f"{max(1, int(STANDARD[key][2] * scale)):,} evals")
         for name, g in t.groupby("searcher", sort=False):
             f = g["final_metric"]
             hit = g["evals_to_target"].notna()
             metric = g["target_metric"].iloc[0]
             lines.append(
-                f"| {key} ({metric}) | {budget:,} | {name} | {_fmt(f.median())} "
+                f"| {key} ({metric}) | {budget} | {name} | {_fmt(f.median())} "
                 f"[{_fmt(f.min())}-{_fmt(f.max())}] | {int(hit.sum())}/{len(g)} | "
                 f"{_fmt(g.loc[hit, 'evals_to_target'].median(), 4) if hit.any() else '-'} | "
                 f"{_fmt(g.loc[hit, 'time_to_target'].median()) if hit.any() else '-'} | "
-                f"{_fmt(g['wall_time'].median())} |")
+                f"{_fmt(g['evaluations'].median(), 6)} | {_fmt(g['wall_time'].median())} |")
     return "\n".join(lines)
 
 
@@ -113,6 +125,8 @@ def main() -> None:
     ap.add_argument("--budget-scale", type=float, default=None,
                     help=f"multiply every budget (default 1; --quick: {QUICK_FACTOR})")
     ap.add_argument("--quick", action="store_true", help="a fifth of the budgets, one seed")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="equal wall time per run instead of equal evaluations")
     ap.add_argument("--workers", type=int, default=2, help="tasks run in parallel")
     ap.add_argument("--eval-every", type=int, default=10)
     args = ap.parse_args()
@@ -124,11 +138,15 @@ def main() -> None:
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     scale = args.budget_scale if args.budget_scale is not None else (
         QUICK_FACTOR if args.quick else 1.0)
-    if seeds < 1 or scale <= 0 or args.workers < 1:
-        sys.exit("search.py: --seeds, --budget-scale and --workers must be positive")
+    if seeds < 1 or scale <= 0 or args.workers < 1 or (
+            args.max_seconds is not None and not 0 < args.max_seconds < math.inf):
+        sys.exit("search.py: --seeds, --budget-scale, --max-seconds and --workers must be "
+                 "positive")
     args.out.mkdir(parents=True, exist_ok=True)
     header = (f"bench/search.py {' '.join(sys.argv[1:])}\n{machine_report()}\n"
-              f"seeds {seeds}, budget scale {scale}, workers {args.workers}")
+              f"seeds {seeds}, "
+              + (f"{args.max_seconds:g} s per run" if args.max_seconds
+                 else f"budget scale {scale}") + f", workers {args.workers}")
     print(header, flush=True)
     start = time.perf_counter()
     jobs = []
@@ -136,10 +154,12 @@ def main() -> None:
         for key in keys:
             task, options, budget, threshold = STANDARD[key]
             jobs.append(pool.submit(_run_task, key, task, options, max(1, int(budget * scale)),
-                                    threshold, searchers, seeds, str(args.out), args.eval_every))
+                                    threshold, searchers, seeds, str(args.out), args.eval_every,
+                                    args.max_seconds))
         for job in jobs:
             print(f"done: {job.result()} ({time.perf_counter() - start:.0f} s)", flush=True)
-    report = (f"# Search-quality suite\n\n```\n{header}\n```\n\n{table(args.out, keys, scale)}\n\n"
+    result = table(args.out, keys, scale, args.max_seconds)
+    report = (f"# Search-quality suite\n\n```\n{header}\n```\n\n{result}\n\n"
               f"Total wall time: {time.perf_counter() - start:.0f} s "
               f"({args.workers} workers, 1 torch thread each).\n")
     (args.out / "search.md").write_text(report)
