@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validate import check_float, check_int
 from .config import TransformerConfig
 from .model import (
     check_inputs,
@@ -173,8 +174,8 @@ def population_loss_and_grad(
         B, T = inputs.shape[-2:] if config.token_inputs else inputs.shape[-3:-1]
         chunk_size = gradient_chunk_size(config, B * T, values.device, values.dtype,
                                          memory_budget)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    else:
+        chunk_size = check_int("chunk_size", chunk_size)
     losses = torch.empty(P, dtype=values.dtype, device=values.device)
     offsets, offset = {}, 0
     for name, shape in parameter_layout(config):
@@ -240,9 +241,7 @@ class _PopulationOptimizer:
 
     def _setup(self, popsize: int, device: torch.device | str | None) -> dict[str, Any]:
         """Validate and set ``popsize`` and ``device``; the keywords for :func:`_per_row`."""
-        if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 1:
-            raise ValueError(f"popsize must be a positive integer, got {popsize!r}")
-        self.popsize, self.device = popsize, torch.device(device or "cpu")
+        self.popsize, self.device = check_int("popsize", popsize), torch.device(device or "cpu")
         return dict(device=self.device)
 
     def _init_state(self) -> None:
@@ -475,26 +474,14 @@ def evaluate_population(problem: Any, values: Tensor) -> Tensor:
     return worst_for_nonfinite(fitness)[0]
 
 
-def check_int(name: str, value: Any, low: int) -> int:
-    """``value`` as an int ``>= low``, else ValueError naming ``name`` and the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def check_positive(name: str, value: Any) -> float:
-    """``value`` as a finite float ``> 0``, else ValueError naming ``name`` and the value."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
+    """``value`` as a finite float ``> 0`` (:func:`~evotorch_mqa_moe._validate.check_float`)."""
+    return check_float(name, value)
 
 
 def check_fraction(name: str, value: Any) -> float:
     """``value`` as a float strictly inside (0, 1), else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-    return float(value)
+    return check_float(name, value, 0.0, 1.0, high_open=True)
 
 
 class HybridSearcher:

@@ -28,14 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validate import check_float, check_int
 from .functional import best_first, gaussian_mutation_, truncation_pairs, uniform_cross_over
-from .hybrid import (
-    HybridSearcher,
-    check_fraction,
-    check_int,
-    check_positive,
-    make_optimizer,
-)
+from .hybrid import HybridSearcher, check_fraction, check_positive, make_optimizer
 
 __all__ = ["LamarckGA", "BaldwinGA", "build_lamarck", "build_baldwin"]
 
@@ -60,13 +55,8 @@ class _LearningGA(HybridSearcher):
         self.num_elites = check_int("num_elites", num_elites, 0)
         if self.num_elites >= popsize:
             raise ValueError(f"num_elites must be < popsize={popsize}, got {num_elites!r}")
-        if mutation_probability is not None and (
-                isinstance(mutation_probability, bool)
-                or not isinstance(mutation_probability, int | float)
-                or not 0 < mutation_probability <= 1):
-            raise ValueError(f"mutation_probability must be in (0, 1] or None, "
-                             f"got {mutation_probability!r}")
-        self.mutation_probability = mutation_probability
+        self.mutation_probability = check_float("mutation_probability", mutation_probability,
+                                                0.0, 1.0, none_ok=True)
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.optimizer = make_optimizer(optimizer, popsize, lr=self.lr, momentum=momentum,

@@ -20,10 +20,10 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
+from evotorch_mqa_moe._validate import check_int
 from evotorch_mqa_moe.config import TransformerConfig
 from evotorch_mqa_moe.task import SupervisedTask
 
-from ._options import check_int
 from ._scoring import accuracies, masked_cross_entropy
 
 __all__ = ["SyntheticTask", "TokenMapTask", "test_generator"]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evotorch_mqa_moe._validate import check_bool, check_int
 from evotorch_mqa_moe.config import TransformerConfig
 from evotorch_mqa_moe.model import PopulationModel
 
@@ -46,18 +47,6 @@ OBS_RANGE = (0.24, 0.2, 1.2 * 2 * math.pi / 360, 0.3)
 POSITION_COLUMNS = (0, 2)
 
 TIME_STEP = 0.02  # CartPole's tau, seconds between observations
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return value
 
 
 def start_states(seeds: list[int] | np.ndarray) -> np.ndarray:
@@ -100,15 +89,13 @@ class CartPoleTask:
     def __init__(self, *, window: int = 8, episodes: int = 4, max_steps: int = 500,
                  test_episodes: int = 100, test_seed: int = 0, hide_velocity: bool = True,
                  normalize: bool = True):
-        self.window = _positive_int("window", window)
-        self.episodes = _positive_int("episodes", episodes)
-        self.max_steps = _positive_int("max_steps", max_steps)
-        self.test_episodes = _positive_int("test_episodes", test_episodes)
-        if isinstance(test_seed, bool) or not isinstance(test_seed, int) or test_seed < 0:
-            raise ValueError(f"test_seed must be a non-negative integer, got {test_seed!r}")
-        self.test_seed = test_seed
-        self.hide_velocity = _bool("hide_velocity", hide_velocity)
-        self.normalize = _bool("normalize", normalize)
+        self.window = check_int("window", window)
+        self.episodes = check_int("episodes", episodes)
+        self.max_steps = check_int("max_steps", max_steps)
+        self.test_episodes = check_int("test_episodes", test_episodes)
+        self.test_seed = check_int("test_seed", test_seed, 0)
+        self.hide_velocity = check_bool("hide_velocity", hide_velocity)
+        self.normalize = check_bool("normalize", normalize)
         self.columns = POSITION_COLUMNS if hide_velocity else (0, 1, 2, 3)
         self.obs_dim = len(self.columns)
         self.obs_scale = (np.array([OBS_RANGE[c] for c in self.columns]) if normalize
@@ -222,7 +209,7 @@ class CartPoleTask:
         """
         from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
-        n, W = _positive_int("batch_size", batch_size), self.window
+        n, W = check_int("batch_size", batch_size), self.window
         seeds = torch.randint(0, TRAIN_SEED_SPACE, (n,), generator=generator, dtype=torch.int64)
         ends = torch.randint(0, 2 * W, (n,), generator=generator).numpy()
         steps = int(ends.max())

@@ -7,12 +7,12 @@ import math
 import torch
 from torch import Tensor
 
+from evotorch_mqa_moe._validate import check_choice, check_float, check_int
 from evotorch_mqa_moe.config import TransformerConfig
 
 from . import _corpus
 from ._markov import MarkovSource
 from ._ngram import ngram_bits_per_char
-from ._options import check_choice, check_float, check_int
 from ._scoring import IGNORE, accuracies, masked_cross_entropy
 from ._synthetic import SyntheticTask, test_generator
 

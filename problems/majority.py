@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
+from evotorch_mqa_moe._validate import check_int
 from evotorch_mqa_moe.config import TransformerConfig
 
-from ._options import check_int
 from ._synthetic import SyntheticTask
 
 __all__ = ["MajorityTask"]

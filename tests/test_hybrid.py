@@ -439,22 +439,24 @@ def test_pbt_spreads_the_initial_learning_rates():
 
 
 @pytest.mark.parametrize("name,options,match", [
-    ("lamarck", {"k": 0}, "k must be an integer >= 1, got 0"),
-    ("baldwin", {"k": 1.5}, "k must be an integer >= 1, got 1.5"),
+    ("lamarck", {"k": 0}, "k must be a positive integer, got 0"),
+    ("baldwin", {"k": 1.5}, "k must be a positive integer, got 1.5"),
     ("lamarck", {"lr": 0.0}, "lr must be a positive number, got 0.0"),
     ("baldwin", {"lr": -1e-3}, "lr must be a positive number, got -0.001"),
-    ("lamarck", {"truncation_fraction": 1.0}, r"truncation_fraction must be in \(0, 1\), got 1.0"),
-    ("baldwin", {"truncation_fraction": 0}, r"truncation_fraction must be in \(0, 1\), got 0"),
+    ("lamarck", {"truncation_fraction": 1.0},
+     r"truncation_fraction must be a number in \(0, 1\), got 1.0"),
+    ("baldwin", {"truncation_fraction": 0},
+     r"truncation_fraction must be a number in \(0, 1\), got 0"),
     ("lamarck", {"mutation_probability": 1.5}, "mutation_probability must be .*got 1.5"),
     ("lamarck", {"num_elites": 6}, "num_elites must be < popsize=6, got 6"),
     ("lamarck", {"optimizer": "rmsprop"}, "optimizer must be one of .*'rmsprop'"),
     ("lamarck", {"stdev": 0.0}, "stdev must be a positive number, got 0.0"),
     ("pbt", {"lr": 0}, "lr must be a positive number, got 0"),
-    ("pbt", {"interval": 0}, "interval must be an integer >= 1, got 0"),
-    ("pbt", {"exploit_fraction": 0.0}, r"exploit_fraction must be in \(0, 1\), got 0.0"),
+    ("pbt", {"interval": 0}, "interval must be a positive integer, got 0"),
+    ("pbt", {"exploit_fraction": 0.0}, r"exploit_fraction must be a number in \(0, 1\), got 0.0"),
     ("pbt", {"exploit_fraction": 0.75}, "exploit_fraction must be <= 0.5.*got 0.75"),
     ("pbt", {"lr_spread": 0.5}, "lr_spread must be >= 1, got 0.5"),
-    ("pbt", {"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ("pbt", {"batch_size": 0}, "batch_size must be a positive integer, got 0"),
 ])
 def test_bad_options_raise_naming_the_value(name, options, match):
     with pytest.raises(ValueError, match=match):
