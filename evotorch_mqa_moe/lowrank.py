@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validate import check_float, check_int
 from .config import TransformerConfig
 from .model import (
     _raise_unless_in_vocab,
@@ -135,8 +136,7 @@ def check_rank(config: TransformerConfig, rank: Any) -> int:
     Raises:
         ValueError: naming the rank and, when it is too large, the matrix that limits it.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    rank = check_int("rank", rank)
     smallest = min((b for b in lowrank_layout(config) if b.lowrank),
                    key=lambda b: min(b.rows, b.cols))
     limit = min(smallest.rows, smallest.cols)
@@ -343,8 +343,8 @@ def lowrank_population_forward(population: LowRankPopulation, inputs: Tensor, *,
         B, T = inputs.shape[-2:] if config.token_inputs else inputs.shape[-3:-1]
         chunk_size = default_chunk_size(config, B * T, population.device,
                                         population.compute_dtype, memory_budget, seq_len=T)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    else:
+        chunk_size = check_int("chunk_size", chunk_size)
     outputs = []
     for start in range(0, P, chunk_size):
         stop = min(P, start + chunk_size)
@@ -510,13 +510,6 @@ OPTIMIZERS = ("adam", "clipup")
 
 
 # ----------------------------------------------------------------------------- the searcher
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 class LowRankES:
     """Evolution strategy over low-rank populations (EGGROLL), behind the searcher protocol.
 
@@ -547,19 +540,17 @@ class LowRankES:
     def __init__(self, problem: Any, *, popsize: int, sigma: float, rank: int = 1,
                  optimizer: str = "adam", lr: float = 0.01, max_speed: float | None = None,
                  momentum: float = 0.9):
-        if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 2 or popsize % 2:
+        if check_int("popsize", popsize, 2) % 2:
             raise ValueError(f"popsize of lowrank-es must be an even integer >= 2 (antithetic "
                              f"pairs), got {popsize!r}")
-        self.sigma = _positive("sigma", sigma)
+        self.sigma = check_float("sigma", sigma)
         self.rank = check_rank(problem.config, rank)
-        self.lr = _positive("lr", lr)
+        self.lr = check_float("lr", lr)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if max_speed is not None:
-            _positive("max_speed", max_speed)
-        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not (
-                0 <= momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+            check_float("max_speed", max_speed)
+        check_float("momentum", momentum, 0.0, 1.0, low_open=False, high_open=True)
         self.problem, self.popsize = problem, popsize
         self.compute_dtype = getattr(problem, "compute_dtype", torch.float32)
         self.center = problem.init_center().as_subclass(Tensor).to(problem.device, torch.float32)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validate import check_int
 from .config import TransformerConfig
 
 __all__ = [
@@ -632,8 +633,7 @@ def init_parameters(
     real networks rather than EvoTorch's default of near-zero vectors.
     ``generator`` (on ``device``) makes the draw repeatable.
     """
-    if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 1:
-        raise ValueError(f"popsize must be a positive integer, got {popsize!r}")
+    popsize = check_int("popsize", popsize)
     if device is None:
         device = generator.device if generator is not None else "cpu"
     out = torch.empty(popsize, num_parameters(config), device=device,
@@ -715,9 +715,7 @@ def _seq_len_for(config: TransformerConfig, rows: int, seq_len: int | None) -> i
     """T for a memory estimate: the given one, else the worst case for ``rows`` token rows."""
     if seq_len is None:
         return max(1, min(rows, config.max_seq_len))  # B*T*T = rows*T grows with T
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer or None, got {seq_len!r}")
-    return seq_len
+    return check_int("seq_len", seq_len, none_ok=True)
 
 
 def _bytes_per_individual(config: TransformerConfig, rows: int, element_size: int,
@@ -891,8 +889,8 @@ def population_forward(
         B, T = (inputs.shape[-2:] if config.token_inputs else inputs.shape[-3:-1])
         chunk_size = default_chunk_size(config, B * T, params.device, params.dtype,
                                         memory_budget, seq_len=T)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    else:
+        chunk_size = check_int("chunk_size", chunk_size)
     outputs = []
     for start in range(0, P, chunk_size):
         stop = min(P, start + chunk_size)

@@ -47,6 +47,7 @@ from evotorch.operators import GaussianMutation as EvoTorchGaussianMutation
 from evotorch.operators import SimulatedBinaryCrossOver
 from torch import Tensor
 
+from ._validate import check_float, check_int
 from .backprop import BackpropTrainer
 from .ga import seed_genetic_algorithm
 from .operators import GaussianMutation, UniformCrossOver
@@ -167,18 +168,11 @@ class SearcherSpec:
         if not callable(self.build):
             raise TypeError(f"build of {self.name} must be callable, got {self.build!r}")
         for label in ("min_popsize", "default_popsize"):
-            value = getattr(self, label)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} of {self.name} must be a positive integer, "
-                                 f"got {value!r}")
+            check_int(f"{label} of {self.name}", getattr(self, label))
         if self.default_popsize < self.min_popsize:
             raise ValueError(f"default_popsize {self.default_popsize} of {self.name} is below "
                              f"its min_popsize {self.min_popsize}")
-        stdev = self.default_stdev
-        if isinstance(stdev, bool) or not (isinstance(stdev, int | float) and math.isfinite(stdev)
-                                           and stdev > 0):
-            raise ValueError(f"default_stdev of {self.name} must be a positive finite number, "
-                             f"got {stdev!r}")
+        check_float(f"default_stdev of {self.name}", self.default_stdev)
         _check_space(self.name, self.search_space)
         object.__setattr__(self, "search_space", MappingProxyType(dict(self.search_space)))
 
@@ -234,12 +228,8 @@ def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None
     spec = get_spec(name)
     popsize = spec.default_popsize if popsize is None else popsize
     stdev = spec.default_stdev if stdev is None else stdev
-    if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < spec.min_popsize:
-        raise ValueError(f"popsize for {name} must be an integer >= {spec.min_popsize}, "
-                         f"got {popsize!r}")
-    if isinstance(stdev, bool) or not (isinstance(stdev, int | float) and math.isfinite(stdev)
-                                       and stdev > 0):
-        raise ValueError(f"stdev must be a positive number, got {stdev!r}")
+    popsize = check_int(f"popsize for {name}", popsize, spec.min_popsize)
+    stdev = check_float("stdev", stdev)
     if spec.needs_gradient and not supports_gradients(problem.task):
         raise ValueError(f"{name} needs a supervised task (sample + loss) for its gradients; "
                          f"{problem.task.name!r} is not one")
