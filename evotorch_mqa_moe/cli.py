@@ -144,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler")
     t.add_argument("--metric", default=None,
                    help="held-out metric to maximise (default: the task's target metric; "
-                        "e.g. token_accuracy when exact_accuracy stays 0 in the budget)")
+                        "e.g. token_accuracy when exact_accuracy stays 0 in the budget; "
+                        "neg_NAME maximises -NAME, e.g. neg_loss)")
     t.add_argument("--eval-every", type=int, default=10,
                    help="generations between held-out evaluations inside a run")
     t.add_argument("--quiet", action="store_true", help="warnings and errors only")

@@ -61,6 +61,18 @@ HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
 GRACE_S = 30  # a running trial without a heartbeat for this long is marked failed
 
 
+def _metric_value(metrics: Mapping[str, float], metric: str, task: str) -> float:
+    """``metrics[metric]``; ``neg_NAME`` is ``-metrics[NAME]`` when the task reports only
+    ``NAME`` (the study maximises, so ``neg_loss`` minimises the held-out loss: the
+    signal on a plateau where the accuracies still sit at chance)."""
+    if metric in metrics:
+        return float(metrics[metric])
+    if metric.startswith("neg_") and metric[4:] in metrics:
+        return -float(metrics[metric[4:]])
+    raise _UnknownMetric(f"unknown metric {metric!r} for {task}; known: {', '.join(metrics)} "
+                         "(and neg_NAME for each)")
+
+
 class _UnknownMetric(Exception):
     """``metric`` is not among the task's held-out metrics (stops the study)."""
 
@@ -275,7 +287,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
         eval_every: generations between held-out evaluations inside a run.
         metric: the held-out metric to maximise (default: the task's
             ``target_metric``), e.g. ``"token_accuracy"`` where the target metric
-            stays at 0 within the budget and would give the sampler no signal.
+            stays at 0 within the budget and would give the sampler no signal;
+            ``neg_NAME`` maximises ``-NAME``, e.g. ``neg_loss``.
         first_seed: the first run seed. Tune on seeds that the comparison of tuned
             vs default settings will not use (e.g. 100) so that comparison is held out.
 
@@ -344,10 +357,7 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
                                       overwrite=i == 0)
                     finally:
                         spent["runs"] += time.perf_counter() - t0
-                    if metric not in results["final_metrics"]:
-                        raise _UnknownMetric(f"unknown metric {metric!r} for {task}; known: "
-                                             f"{', '.join(results['final_metrics'])}")
-                    values.append(float(results["final_metrics"][metric]))
+                    values.append(_metric_value(results["final_metrics"], metric, task))
                 value = sum(values) / len(values)
                 if not math.isfinite(value):
                     trial.set_user_attr("fail_reason", f"{metric} is {value} after {mark:,} "

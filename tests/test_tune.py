@@ -246,3 +246,11 @@ def test_first_seed_moves_the_run_seeds(tmp_path):
     assert best["first_seed"] == 100
     with pytest.raises(ValueError, match="first_seed"):
         _small(tmp_path, 1, first_seed=-1)
+
+
+def test_neg_metric_maximises_the_negated_metric(tmp_path):
+    best = _small(tmp_path, 1, metric="neg_loss")
+    trial = json.loads((tmp_path / "trials" / "reverse-ga" / "0" / "seed0"
+                        / "results.json").read_text())
+    assert best["metric"] == "neg_loss"
+    assert best["value"] == -trial["final_metrics"]["loss"] < 0
