@@ -60,6 +60,7 @@ from .model import (
 
 __all__ = [
     "Block",
+    "MODES",
     "lowrank_layout",
     "check_rank",
     "LowRankWeight",
@@ -73,6 +74,14 @@ __all__ = [
     "build_lowrank_es",
     "SEARCH_SPACE",
 ]
+
+MODES = ("auto", "factors", "materialize")
+"""How a :class:`LowRankWeight` multiplies: ``"factors"``: ``x W + s (x A) B^T`` (the
+shared GEMM over every individual's rows; never builds an individual's matrix);
+``"materialize"``: builds the chunk's matrices ``W + s A B^T`` for one GEMM at a time
+(transient, one matrix of one chunk); ``"auto"``: materialise when the individual's
+rows M are at least the matrix's rows R (then the matrices are the smaller tensors;
+measured in bench/lowrank.py), factors otherwise."""
 
 # How many leading axes of a parameter form the rows of its matrix view (default 1):
 # an expert's second layer (E, F, D) runs as one (E*F, D) GEMM.
@@ -158,12 +167,14 @@ class LowRankWeight:
         shared: W (R, C), the same for every individual.
         a: (P, R, r) and b: (P, C, r) the factors (antithetic signs folded into ``a``).
         scale: ``sigma / sqrt(r)``.
+        mode: how :meth:`linear` multiplies, see :data:`MODES` (the result is the same).
     """
 
-    __slots__ = ("shared", "a", "b", "scale")
+    __slots__ = ("shared", "a", "b", "scale", "mode")
 
-    def __init__(self, shared: Tensor, a: Tensor, b: Tensor, scale: float):
+    def __init__(self, shared: Tensor, a: Tensor, b: Tensor, scale: float, mode: str = "auto"):
         self.shared, self.a, self.b, self.scale = shared, a, b, float(scale)
+        self.mode = mode
 
     @property
     def shape(self) -> torch.Size:
@@ -187,15 +198,25 @@ class LowRankWeight:
                 and isinstance(key[1], slice)):
             raise TypeError(f"a LowRankWeight takes column slices weight[..., a:b] only, "
                             f"got {key!r}")
-        return LowRankWeight(self.shared[:, key[1]], self.a, self.b[:, key[1]], self.scale)
+        return LowRankWeight(self.shared[:, key[1]], self.a, self.b[:, key[1]], self.scale,
+                             self.mode)
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``x_p W_p + bias_p``: x (P, M, R) or shared (M, R), bias (P, C) -> (P, M, C).
 
-        The shared GEMM runs once over all P*M rows; the bias rides in the thin
-        per-individual GEMM as one more rank column: ``[x_p A_p, 1] [s B_p, b_p]^T``.
+        Factors: the shared GEMM runs once over all P*M rows and the bias rides in the
+        thin per-individual GEMM as one more rank column, ``[x_p A_p, 1] [s B_p, b_p]^T``.
+        That costs two more passes over the (P, M, C) output; when an individual has
+        at least as many rows as the matrix (M >= R) it is cheaper to build the chunk's
+        P matrices ``W + s A_p B_p^T`` (transient) and run the dense per-individual
+        GEMM, which ``mode="auto"`` does.
         """
         P, R, C = self.shape
+        if self.mode == "materialize" or (self.mode == "auto" and x.shape[-2] >= R):
+            w = self.materialize()  # (P, R, C), transient: one matrix of one chunk
+            if x.dim() == 2:
+                x = x.expand(P, *x.shape)
+            return torch.bmm(x, w) if bias is None else torch.baddbmm(bias.unsqueeze(-2), x, w)
         y = torch.matmul(x, self.shared)  # (P, M, C), or (M, C) for shared rows
         xa = torch.matmul(x, self.a)  # (P, M, r)
         b = self.b * self.scale
@@ -238,12 +259,16 @@ class LowRankPopulation:
         output_dtype: dtype of the outputs handed to the task (default: the compute
             dtype); ``torch.float32`` keeps fitness in float32 under a bf16 pass.
         chunk_size, memory_budget: as for :func:`~evotorch_mqa_moe.model.population_forward`.
+        mode: how the matrices multiply, one of :data:`MODES` (same result).
     """
 
     def __init__(self, config: TransformerConfig, shared: Tensor,
                  factors: Mapping[str, tuple[Tensor, Tensor]], vectors: Tensor, scale: float, *,
                  output_dtype: torch.dtype | None = None, chunk_size: int | None = None,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, mode: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
         self.config = config
         self.layout = lowrank_layout(config)
         n = _num_vector_genes(self.layout)
@@ -292,7 +317,8 @@ class LowRankPopulation:
             if b.lowrank:
                 a, f = self.factors[b.name]
                 w = self.shared[b.offset : b.offset + b.size].view(b.rows, b.cols)
-                out[b.name] = LowRankWeight(w, a[start:stop], f[start:stop], self.scale)
+                out[b.name] = LowRankWeight(w, a[start:stop], f[start:stop], self.scale,
+                                            self.mode)
             else:
                 block = self.vectors[start:stop, b.vector_offset : b.vector_offset + b.size]
                 out[b.name] = block.view(stop - start, *b.shape)

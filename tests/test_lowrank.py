@@ -15,6 +15,7 @@ import torch
 from evotorch_mqa_moe import TransformerConfig, population_forward
 from evotorch_mqa_moe import model as model_module
 from evotorch_mqa_moe.lowrank import (
+    MODES,
     LowRankES,
     LowRankNoise,
     LowRankWeight,
@@ -73,10 +74,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("changes", CASES.values(), ids=CASES)
-def test_lowrank_pass_equals_dense_pass_on_the_materialised_population(changes, device):
+def test_lowrank_pass_equals_dense_pass_on_the_materialised_population(changes, mode, device):
     config = small(**changes)
-    center, noise, pop = population(config, device=device)
+    center, noise, _ = population(config, device=device)
+    pop = noise.population(center, 0.1, mode=mode)
     x = inputs_for(config, device=device)
     out = pop(x)
     dense = population_forward(config, pop.materialize(), x)
@@ -133,8 +136,11 @@ def test_weight_column_slices_and_lookups_match_the_dense_matrices():
     per = torch.tensor([[1, 2], [3, 4], [0, 0]])
     torch.testing.assert_close(w.lookup(per), torch.stack([dense[i, per[i]] for i in range(3)]))
     x, bias = torch.randn(3, 4, 6, generator=g), torch.randn(3, 5, generator=g)
-    torch.testing.assert_close(w.linear(x, bias), x @ dense + bias[:, None])
-    torch.testing.assert_close(w.linear(x[0], None), x[0] @ dense)  # shared rows
+    for mode in MODES:  # 4 rows against 6: "auto" takes the factors
+        w.mode = mode
+        torch.testing.assert_close(w.linear(x, bias), x @ dense + bias[:, None])
+        torch.testing.assert_close(w.linear(x[0], None), x[0] @ dense)  # shared rows
+        torch.testing.assert_close(w[..., 2:].linear(x, None), x @ dense[..., 2:])
     with pytest.raises(TypeError, match="column slices"):
         w[0]
 
