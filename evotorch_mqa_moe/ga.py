@@ -23,6 +23,7 @@ import torch
 from evotorch import Problem, SolutionBatch
 from evotorch.algorithms import GeneticAlgorithm
 
+from ._evotorch_compat import wrap_batch
 from ._validate import check_int
 from .adaptive import SelfAdaptiveStepSize, SuccessRule
 from .functional import best_first
@@ -146,7 +147,7 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
             # generation's data, like the children they compete with.
             elites = _batch(problem, parents.values.as_subclass(torch.Tensor)[: self._num_elites])
             problem.evaluate(elites)
-            parents._evdata[: self._num_elites] = elites._evdata
+            parents.access_evals()[: self._num_elites] = elites.evals
         parent_fit = _fitness(parents, self._obj)
         parent_values = parents.values.as_subclass(torch.Tensor)
         num_parents, length = parent_values.shape
@@ -205,7 +206,7 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
             self._population = _batch(
                 problem,
                 buffer[: num_elites + num_children],
-                torch.cat([parents._evdata[elites], children._evdata]),
+                torch.cat([parents.access_evals()[elites], children.access_evals()]),
             )
             if child_logs is not None:
                 self._log_scales = torch.cat([self._log_scales[elites], child_logs])
@@ -215,7 +216,7 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
             from_parents = keep < num_parents
             kp, kc = keep[from_parents], keep[~from_parents] - num_parents
             values = torch.cat([parent_values[kp], child_values[kc]])
-            evdata = torch.cat([parents._evdata[kp], children._evdata[kc]])
+            evdata = torch.cat([parents.access_evals()[kp], children.access_evals()[kc]])
             self._population = _batch(problem, values, evdata)
             if child_logs is not None:
                 self._log_scales = torch.cat([self._log_scales[kp], child_logs[kc]])
@@ -225,17 +226,7 @@ def _batch(
     problem: Problem, values: torch.Tensor, evdata: torch.Tensor | None = None
 ) -> SolutionBatch:
     """A SolutionBatch over ``values`` ``(P, N)`` (no copy), with ``evdata`` if given."""
-    batch = SolutionBatch(problem, popsize=0, device=values.device, empty=True)
-    batch._data = values
-    if evdata is None:
-        evdata = torch.full(
-            (values.shape[0], batch._evdata.shape[1]),
-            float("nan"),
-            dtype=batch._evdata.dtype,
-            device=values.device,
-        )
-    batch._evdata = evdata
-    return batch
+    return wrap_batch(problem, values, evdata)
 
 
 def seed_genetic_algorithm(

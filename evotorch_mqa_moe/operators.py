@@ -20,6 +20,7 @@ import torch
 from evotorch import Problem, SolutionBatch
 from evotorch.operators import CopyingOperator, CrossOver
 
+from ._evotorch_compat import num_tournaments, wrap_batch
 from ._validate import check_int
 from .functional import (
     _check_probability,
@@ -140,7 +141,7 @@ class UniformCrossOver(CrossOver):
     def _num_children_for(self, batch: SolutionBatch) -> int:
         if self._num_children is not None:
             return self._num_children
-        return self._compute_num_tournaments(batch)
+        return num_tournaments(self, batch)
 
     @torch.no_grad()
     def _do(self, batch: SolutionBatch) -> SolutionBatch:
@@ -297,6 +298,4 @@ class GaussianMutation(CopyingOperator):
     @torch.no_grad()
     def _do(self, batch: SolutionBatch) -> SolutionBatch:
         values = batch.values.as_subclass(torch.Tensor)
-        result = SolutionBatch(self.problem, popsize=len(batch), device=values.device, empty=True)
-        result._data = self.mutate_values(values)
-        return result
+        return wrap_batch(self.problem, self.mutate_values(values))

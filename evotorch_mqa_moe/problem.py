@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ from evotorch.neuroevolution import NEProblem
 from loguru import logger
 from torch import Tensor, nn
 
+from ._evotorch_compat import actors_started, mapelites_building
 from ._validate import check_int
 from .config import TransformerConfig
 from .genes import gene_groups
@@ -54,14 +54,6 @@ def worst_for_nonfinite(fitness: Tensor) -> tuple[Tensor, int]:
     """
     fitness, bad = _replace_nonfinite(fitness)
     return fitness, int(bad)
-
-
-def _mapelites_caller() -> Any:
-    """The EvoTorch ``MAPElites`` whose ``__init__`` called ``generate_batch``, else None."""
-    from evotorch.algorithms import MAPElites
-
-    caller = sys._getframe(2).f_locals.get("self")
-    return caller if isinstance(caller, MAPElites) else None
 
 
 class TransformerProblem(NEProblem):
@@ -197,7 +189,8 @@ class TransformerProblem(NEProblem):
         # samples) against a run without actors. Restore the generator's state, so
         # the same seed gives the same search with and without actors. (The actors'
         # own generators serve nothing here: data come from data_generator.)
-        starting = self._actors is None and self.is_main and self.generator is not None
+        starting = (not actors_started(self) and self.is_main
+                    and self.generator is not None)
         state = self.generator.get_state() if starting else None
         super()._parallelize()
         if state is not None:
@@ -207,10 +200,10 @@ class TransformerProblem(NEProblem):
                        center: Any = None, stdev: Any = None,
                        symmetric: bool = False) -> SolutionBatch:
         """EvoTorch's ``generate_batch``; refuses ``MAPElites`` (see the class docstring)."""
-        mapelites = _mapelites_caller()
-        if mapelites is not None and self.eval_data_length < mapelites._feature_grid.shape[1]:
+        building = mapelites_building()  # (MAPElites, descriptors) while one is built
+        if building is not None and self.eval_data_length < building[1]:
             raise ValueError(
-                f"MAPElites needs {mapelites._feature_grid.shape[1]} behaviour descriptors per "
+                f"MAPElites needs {building[1]} behaviour descriptors per "
                 f"solution as evaluation data, but TransformerProblem evaluates fitness only "
                 f"(eval_data_length={self.eval_data_length}); use another searcher "
                 "(evotorch_mqa_moe.searchers lists the supported ones)"

@@ -47,6 +47,7 @@ from evotorch.operators import GaussianMutation as EvoTorchGaussianMutation
 from evotorch.operators import SimulatedBinaryCrossOver
 from torch import Tensor
 
+from ._evotorch_compat import evaluating_with
 from ._validate import check_float, check_int
 from .backprop import BackpropTrainer
 from .ga import seed_genetic_algorithm
@@ -332,11 +333,8 @@ class EvoTorchSearcher:
             batch.set_evals(torch.zeros(len(batch), dtype=problem.eval_dtype,
                                         device=batch.device))
 
-        problem._evaluate_batch = zero_fitness  # instance attribute shadows the method
-        try:
+        with evaluating_with(problem, zero_fitness):
             self.algorithm.step()
-        finally:
-            del problem._evaluate_batch
 
 
 def _wrap(algorithm: Any, problem: TransformerProblem, popsize: int) -> EvoTorchSearcher:

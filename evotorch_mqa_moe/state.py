@@ -16,6 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._evotorch_compat import (
+    CALLBACK_ATTRIBUTES,
+    NETWORK_ATTRIBUTES,
+    RAY_ATTRIBUTES,
+    STATUS_CACHES,
+)
+
 __all__ = ["capture", "restore"]
 
 _PRIMITIVES = (bool, int, float, str, type(None))
@@ -25,12 +32,11 @@ _CLASS = "__class__"
 _SKIP_ATTRS = {
     # callbacks and their containers, Ray handles, the task (stateless by contract),
     # the network template (rebuilt from the config)
-    "_before_step_hook", "_after_step_hook", "_log_hook", "_end_of_run_hook",
-    "_before_eval_hook", "_after_eval_hook", "_remote_hook", "_actors", "_actor_pool",
-    "task", "instantiated_network", "_original_network", "_network_args", "config",
+    *CALLBACK_ATTRIBUTES, *RAY_ATTRIBUTES, *NETWORK_ATTRIBUTES,
+    "task", "instantiated_network", "config",
 }
 # caches derived from the rest of the state: emptied on restore, not saved
-_CACHES = {"_LazyReporter__computed"}
+_CACHES = set(STATUS_CACHES)
 
 
 def _is_ours(obj: Any) -> bool:
