@@ -4,54 +4,76 @@ The model (:class:`MQAMoETransformer`) and its population pass
 (:func:`population_forward`) share one implementation; :class:`TransformerProblem`
 turns a :class:`Task` into an EvoTorch ``NEProblem`` that evaluates the whole
 population at once.
+
+The names below are imported on first use (PEP 562), so that importing a light
+submodule (the command line's ``--help`` and ``list``) does not load torch and
+EvoTorch; ``from evotorch_mqa_moe import X`` works as usual.
 """
 
-from .adaptive import SelfAdaptiveStepSize, SuccessRule, per_tensor_stdev
-from .config import PRESETS, TransformerConfig, preset
-from .functional import gaussian_mutation, uniform_cross_over
-from .ga import SeedGeneticAlgorithm, seed_genetic_algorithm
-from .model import (
-    EncoderLayer,
-    MixtureOfExperts,
-    MQAMoETransformer,
-    MultiQueryAttention,
-    PopulationModel,
-    num_parameters,
-    population_forward,
-)
-from .operators import GaussianMutation, UniformCrossOver
-from .problem import TransformerProblem
-from .searchers import SEARCHERS, Searcher, SearcherSpec, make_searcher, register
-from .task import SupervisedTask, Task
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public name -> the submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "SelfAdaptiveStepSize": "adaptive", "SuccessRule": "adaptive",
+    "per_tensor_stdev": "adaptive",
+    "PRESETS": "config", "TransformerConfig": "config", "preset": "config",
+    "gaussian_mutation": "functional", "uniform_cross_over": "functional",
+    "SeedGeneticAlgorithm": "ga", "seed_genetic_algorithm": "ga",
+    "EncoderLayer": "model", "MixtureOfExperts": "model", "MQAMoETransformer": "model",
+    "MultiQueryAttention": "model", "PopulationModel": "model", "num_parameters": "model",
+    "population_forward": "model",
+    "GaussianMutation": "operators", "UniformCrossOver": "operators",
+    "TransformerProblem": "problem",
+    "SEARCHERS": "searchers", "Searcher": "searchers", "SearcherSpec": "searchers",
+    "make_searcher": "searchers", "register": "searchers",
+    "SupervisedTask": "task", "Task": "task",
+}
+
 __all__ = [
-    "PRESETS",
-    "TransformerConfig",
-    "preset",
-    "EncoderLayer",
-    "MixtureOfExperts",
-    "MQAMoETransformer",
-    "MultiQueryAttention",
-    "PopulationModel",
-    "num_parameters",
-    "population_forward",
-    "SupervisedTask",
-    "Task",
-    "TransformerProblem",
-    "SEARCHERS",
-    "Searcher",
-    "SearcherSpec",
-    "make_searcher",
-    "register",
-    "uniform_cross_over",
-    "gaussian_mutation",
-    "UniformCrossOver",
-    "GaussianMutation",
-    "SeedGeneticAlgorithm",
-    "seed_genetic_algorithm",
-    "SelfAdaptiveStepSize",
-    "SuccessRule",
-    "per_tensor_stdev",
-]
+    "PRESETS", "TransformerConfig", "preset",
+    "EncoderLayer", "MixtureOfExperts", "MQAMoETransformer", "MultiQueryAttention",
+    "PopulationModel", "num_parameters", "population_forward",
+    "SupervisedTask", "Task", "TransformerProblem",
+    "SEARCHERS", "Searcher", "SearcherSpec", "make_searcher", "register",
+    "uniform_cross_over", "gaussian_mutation", "UniformCrossOver", "GaussianMutation",
+    "SeedGeneticAlgorithm", "seed_genetic_algorithm",
+    "SelfAdaptiveStepSize", "SuccessRule", "per_tensor_stdev",
+]  # = the keys of _EXPORTS (tests/test_cli_startup.py checks)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from .adaptive import SelfAdaptiveStepSize, SuccessRule, per_tensor_stdev
+    from .config import PRESETS, TransformerConfig, preset
+    from .functional import gaussian_mutation, uniform_cross_over
+    from .ga import SeedGeneticAlgorithm, seed_genetic_algorithm
+    from .model import (
+        EncoderLayer,
+        MixtureOfExperts,
+        MQAMoETransformer,
+        MultiQueryAttention,
+        PopulationModel,
+        num_parameters,
+        population_forward,
+    )
+    from .operators import GaussianMutation, UniformCrossOver
+    from .problem import TransformerProblem
+    from .searchers import SEARCHERS, Searcher, SearcherSpec, make_searcher, register
+    from .task import SupervisedTask, Task

@@ -178,19 +178,9 @@ def _apply_config(args: argparse.Namespace) -> None:
 
 
 def _list() -> None:
-    from .model import num_parameters
-    from .problems import make_task, task_names
-    from .searchers import SEARCHERS
+    from ._catalog import render  # plain data: `list` loads neither torch nor EvoTorch
 
-    print("tasks:")
-    for name in task_names():
-        task = make_task(name)
-        print(f"  {name:10s} {num_parameters(task.default_config()):>8,} parameters   "
-              f"target metric: {task.target_metric}")
-    print("searchers (default popsize; * = needs gradients, supervised tasks only):")
-    for name, spec in SEARCHERS.items():
-        print(f"  {name:16s} {spec.default_popsize:>4}{'*' if spec.needs_gradient else ' '} "
-              f"{spec.description}")
+    sys.stdout.write(render())
 
 
 def _validate_common(args: argparse.Namespace) -> None:
@@ -338,15 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()  # the CLI owns the handlers; the library never configures them
     logger.add(sys.stderr, level="WARNING" if getattr(args, "quiet", False) else "INFO",
                format="<green>{time:HH:mm:ss}</green> {level: <7} {message}")
+    if args.command == "list":
+        _list()
+        return 0
+    # `--help` and `list` end above: torch and EvoTorch load only for real work
     import evotorch  # noqa: F401  (creates its loggers, which the next lines quieten)
 
     for name in list(logging.root.manager.loggerDict):  # EvoTorch's per-problem INFO chatter
         if name.startswith("evotorch") and not name.startswith("evotorch_mqa_moe"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        if args.command == "list":
-            _list()
-            return 0
         _validate_common(args)
         if args.command == "tune":
             _tune(args)
