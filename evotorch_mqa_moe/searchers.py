@@ -151,6 +151,11 @@ class SearcherSpec:
             ``("float", low, high)``, ``("int", low, high[, step])`` (inclusive) or
             ``("cat", [choices])``. Keys are ``popsize``, ``stdev`` or keyword
             options of ``build``.
+        defaults: the values ``build`` uses for the ``search_space`` options that
+            the caller does not give (``popsize`` and ``stdev`` come from
+            ``default_popsize`` / ``default_stdev``). When every key of the space has
+            a default, ``tune`` runs the defaults as a fresh study's first trial: the
+            baseline the tuned setting must beat.
     """
 
     name: str
@@ -162,6 +167,7 @@ class SearcherSpec:
     search_space: Mapping[str, tuple] = field(default_factory=dict)
     default_stdev: float = 0.05
     dense_population: bool = True
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
@@ -450,10 +456,11 @@ _ES_SPACE = {"stdev": ("log", 0.005, 0.3), "popsize": ("int", 20, 1000)}
 for _spec in (
     SearcherSpec("ga", "our GA: truncation selection, uniform cross-over, probabilistic "
                  "Gaussian mutation, elites", _ga_builder(GA_SETTINGS),
-                 default_popsize=200, min_popsize=3, search_space=GA_SPACE),
+                 default_popsize=200, min_popsize=3, search_space=GA_SPACE,
+                 defaults=GA_SETTINGS),
     SearcherSpec("ga-seed", "the seed's GA exactly as first shipped, pinned (`ga` may change)",
                  _ga_builder(GA_SEED_SETTINGS), default_popsize=200, min_popsize=3,
-                 search_space=GA_SPACE),
+                 search_space=GA_SPACE, defaults=GA_SEED_SETTINGS),
     SearcherSpec("ga-evotorch", "EvoTorch's GeneticAlgorithm with its SBX cross-over and "
                  "Gaussian mutation", _build_ga_evotorch, default_popsize=300, min_popsize=3,
                  search_space={"stdev": ("log", 0.005, 0.3),

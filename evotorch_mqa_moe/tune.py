@@ -56,7 +56,7 @@ BEST_KEYS = ("task", "searcher", "popsize", "stdev", "searcher_options", "task_o
              "model", "metric", "value")
 """The keys of ``best.json`` (the ``--config`` format); the settings are the first seven."""
 # recorded in best.json, ignored by --config
-_INFO_KEYS = ("study", "trial", "budget_evals", "seeds", "first_seed")
+_INFO_KEYS = ("study", "trial", "budget_evals", "seeds", "first_seed", "baseline_value")
 HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
 GRACE_S = 30  # a running trial without a heartbeat for this long is marked failed
 
@@ -105,6 +105,26 @@ def trial_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in params.items() if k not in ("popsize", "stdev")}
     return {"popsize": params.get("popsize"), "stdev": params.get("stdev"),
             "searcher_options": options}
+
+
+def baseline_params(spec: Any, space: Mapping[str, tuple]) -> dict[str, Any] | None:
+    """The searcher's default settings as parameters of ``space``, or None.
+
+    None when a key of the space has no declared default (``SearcherSpec.defaults``,
+    ``default_popsize``, ``default_stdev``) or a default lies outside its range: then
+    there is no baseline trial.
+    """
+    known = {"popsize": spec.default_popsize, "stdev": spec.default_stdev, **spec.defaults}
+    if not set(space) <= set(known):
+        return None
+    params = {key: known[key] for key in space}
+    for key, entry in space.items():
+        value = params[key]
+        inside = (value in entry[1] if entry[0] == "cat"
+                  else isinstance(value, int | float) and entry[1] <= value <= entry[2])
+        if not inside:
+            return None
+    return params
 
 
 def _open_study(storage: str, study: str, sampler_seed: int):
@@ -224,12 +244,14 @@ def _write_outputs(study: Any, out: Path, base: dict[str, Any], metric: str) -> 
         logger.warning(f"study {study.study_name}: no completed trial yet; no best.json")
         return None
     best_trial = max(completed, key=lambda t: t.value)
+    baseline = [t.value for t in completed if t.user_attrs.get("baseline")]
     best = {"task": base["task"], "searcher": base["searcher"],
             **trial_settings(best_trial.params),
             "task_options": base["task_options"], "model": base["model"],
             "metric": metric, "value": best_trial.value, "study": study.study_name,
             "trial": best_trial.number, "budget_evals": base["budget_evals"],
-            "seeds": base["seeds"], "first_seed": base["first_seed"]}
+            "seeds": base["seeds"], "first_seed": base["first_seed"],
+            "baseline_value": baseline[0] if baseline else None}
     atomic_write_text(json.dumps(best, indent=2) + "\n", out / "best.json")
 
     import matplotlib
@@ -329,6 +351,11 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study_name = study or f"{task}-{searcher}"
     study_obj = _open_study(storage, study_name, sampler_seed)
+    baseline = baseline_params(spec, space)
+    if baseline is not None and not study_obj.get_trials(deepcopy=False):
+        # a fresh study starts from the defaults: best.json then never reports a setting
+        # that did worse than them on the study's seeds, and records their value
+        study_obj.enqueue_trial(baseline, user_attrs={"baseline": True}, skip_if_exists=True)
     marks = _checkpoints(budget_evals, checkpoints)
     base = {"task": task, "searcher": searcher, "task_options": task_options, "model": model,
             "budget_evals": budget_evals, "seeds": seeds, "first_seed": first_seed}

@@ -254,3 +254,27 @@ def test_neg_metric_maximises_the_negated_metric(tmp_path):
                         / "results.json").read_text())
     assert best["metric"] == "neg_loss"
     assert best["value"] == -trial["final_metrics"]["loss"] < 0
+
+
+def test_a_fresh_study_starts_with_the_defaults_as_baseline(tmp_path):
+    space = {"stdev": ("log", 0.01, 0.2), "mutation_probability": ("log", 0.01, 1.0),
+             "popsize": ("int", 6, 300)}
+    best = _small(tmp_path, 2, space=space)
+    first = _trials(tmp_path)[0]
+    assert first.user_attrs.get("baseline") is True
+    assert first.params == {"stdev": 0.05, "mutation_probability": 0.1, "popsize": 200}
+    assert best["baseline_value"] == first.value
+    # a second invocation adds trials, not another baseline
+    _small(tmp_path, 1, space=space)
+    assert sum(bool(t.user_attrs.get("baseline")) for t in _trials(tmp_path)) == 1
+
+
+def test_no_baseline_when_a_default_is_outside_the_space():
+    from evotorch_mqa_moe.searchers import get_spec
+    from evotorch_mqa_moe.tune import baseline_params
+
+    spec = get_spec("ga")
+    assert baseline_params(spec, {"popsize": ("int", 6, 300)}) == {"popsize": 200}
+    assert baseline_params(spec, {"popsize": ("int", 6, 100)}) is None  # 200 outside
+    assert baseline_params(spec, {"granularity": ("cat", ["row"])}) is None
+    assert baseline_params(get_spec("pgpe"), {"center_learning_rate": ("log", 0.01, 1)}) is None
