@@ -41,6 +41,7 @@ __all__ = [
     "actors_started",
     "mapelites_building",
     "evaluating_with",
+    "sync_logger_step",
 ]
 
 TESTED_VERSIONS = ">=0.6.1,<0.7"
@@ -122,6 +123,17 @@ def evaluating_with(problem: Problem,
         yield
     finally:
         del problem._evaluate_batch
+
+
+def sync_logger_step(callback: Any, steps_done: int) -> None:
+    """Set an EvoTorch ``Logger``'s step counter to ``steps_done`` before it is called
+    for the next step (EvoTorch counts calls from 0, so a resumed run would log its
+    generations from step 1 again, and ``interval`` would count from the resume);
+    other callables are left alone."""
+    from evotorch.logging import Logger
+
+    if isinstance(callback, Logger):
+        callback._steps_count = int(steps_done)
 
 
 def actors_started(problem: Problem) -> bool:

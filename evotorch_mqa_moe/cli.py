@@ -17,6 +17,8 @@ from typing import Any
 
 from loguru import logger
 
+from .loggers import LOGGERS  # names only: the module imports nothing heavy
+
 __all__ = ["main", "DEFAULT_GENERATIONS"]
 
 DEFAULT_GENERATIONS = 100  # `run`'s limit when no --generations / --max-evals / --max-seconds
@@ -77,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None, metavar="FILE",
                        help="settings from a best.json (written by `tune`): searcher, popsize, "
                             "stdev, searcher/task options, model; explicit flags override")
+        p.add_argument("--logger", action="append", choices=list(LOGGERS), metavar="NAME",
+                       help=f"also log every generation with EvoTorch's logger NAME "
+                            f"({', '.join(LOGGERS)}; repeatable; its package must be "
+                            "installed): pandas writes pandas_log.csv into the run's "
+                            "folder, mlflow / wandb / neptune open one run per run, "
+                            "configured by their usual environment variables")
+        p.add_argument("--actors", type=int, default=0, metavar="N",
+                       help="evaluate on N Ray actors (N >= 2; EvoTorch's num_actors; "
+                            "searchers that evaluate through the problem use them); the "
+                            "same seed gives the same run as without")
+        p.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
+                       help="GPUs per Ray actor (EvoTorch's num_gpus_per_actor; needs "
+                            "--actors)")
+        p.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (ray.init(address=ADDR), e.g. auto or "
+                            "HOST:6379) instead of starting a local one; needs --actors")
 
     def budgets(p: argparse.ArgumentParser, *, generations: bool) -> None:
         if generations:
@@ -256,8 +274,15 @@ def _run(args: argparse.Namespace) -> None:
         seed=args.seed, device=args.device, stdev=args.stdev,
         task_options=_key_values(args.task_option, "--task-option"),
         model=_model(args), searcher_options=searcher_options,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, dtype=args.dtype)
-    results = run(settings, args.out, resume=args.resume, overwrite=args.overwrite)
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, dtype=args.dtype,
+        num_actors=args.actors, num_gpus_per_actor=args.gpus_per_actor,
+        ray_address=args.ray_address)
+    from .loggers import open_loggers
+
+    with open_loggers(args.logger or [], run_name=f"{args.task}-{args.searcher}-seed{args.seed}",
+                      out=args.out) as callbacks:
+        results = run(settings, args.out, resume=args.resume, overwrite=args.overwrite,
+                      callbacks=callbacks, progress=_progress_bar(args))
     metric = results["target_metric"]
     print(f"{args.task} / {args.searcher}: {metric} = {results['final_metrics'][metric]:.4g} "
           f"({results['parameters']:,} parameters, {results['evaluations']:,} "
@@ -286,7 +311,9 @@ def _compare(args: argparse.Namespace, command: str) -> None:
             device=args.device, stdev=args.stdev,
             target=args.target, task_options=_key_values(args.task_option, "--task-option"),
             model=_model(args), eval_every=args.eval_every,
-            searcher_options=searcher_options, command=command, dtype=args.dtype)
+            searcher_options=searcher_options, command=command, dtype=args.dtype,
+            loggers=args.logger or (), num_actors=args.actors,
+            num_gpus_per_actor=args.gpus_per_actor, ray_address=args.ray_address)
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -322,16 +349,41 @@ def _tune(args: argparse.Namespace) -> None:
               f"`run {args.task} --config {out / 'best.json'}`")
 
 
+def _progress_bar(args: argparse.Namespace) -> bool:
+    """``run`` draws a progress bar when it talks to a terminal (not with ``--quiet``,
+    not when stderr is a file or a pipe: there the log lines carry the progress)."""
+    return (args.command == "run" and not getattr(args, "quiet", False)
+            and sys.stderr.isatty())
+
+
+def _log_sink(args: argparse.Namespace) -> Any:
+    """stderr; through tqdm while a progress bar is drawn, so log lines go above it."""
+    if not _progress_bar(args):
+        return sys.stderr
+    from tqdm import tqdm
+
+    return lambda message: tqdm.write(message, end="", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (errors: one line on stderr, status 2)."""
     args = _parser().parse_args(argv)
     logger.remove()  # the CLI owns the handlers; the library never configures them
-    logger.add(sys.stderr, level="WARNING" if getattr(args, "quiet", False) else "INFO",
-               format="<green>{time:HH:mm:ss}</green> {level: <7} {message}")
+    logger.add(_log_sink(args), level="WARNING" if getattr(args, "quiet", False) else "INFO",
+               format="<green>{time:HH:mm:ss}</green> {level: <7} {message}",
+               colorize=sys.stderr.isatty())
     if args.command == "list":
         _list()
         return 0
     # `--help` and `list` end above: torch and EvoTorch load only for real work
+    if getattr(args, "logger", None):
+        from .loggers import check_loggers
+
+        try:  # a missing package is known before anything loads or runs
+            check_loggers(args.logger)
+        except ValueError as exc:
+            print(f"evotorch-mqa-moe: error: {exc}", file=sys.stderr)
+            return 2
     import evotorch  # noqa: F401  (creates its loggers, which the next lines quieten)
 
     for name in list(logging.root.manager.loggerDict):  # EvoTorch's per-problem INFO chatter

@@ -11,8 +11,11 @@ into ``out/<searcher>/seed<k>/`` and then writes, into ``out``:
   final metric, median evaluations / wall time to target over the seeds that
   reached it, how many did), the command line, the machine and the date;
 * ``best_fitness_vs_evaluations.png``, ``best_fitness_vs_wall_time.png``,
-  ``<metric>_vs_evaluations.png``, ``<metric>_vs_wall_time.png``: one thin line
-  per run, coloured by searcher, the searcher's median in bold.
+  ``<metric>_vs_evaluations.png``, ``<metric>_vs_wall_time.png``: titled with the
+  task and the budget; one thin line per run (seed), one colour and marker per
+  searcher, the searcher's median in bold (the legend says so); when every value is
+  the same (an all-zero accuracy) the searchers are offset a little so none hides
+  another (:func:`comparison_figure`).
 
 **Equal budgets.** Every run stops at the first of ``max_evals``
 forward-equivalents and ``max_seconds`` of search wall time it reaches (give
@@ -54,11 +57,12 @@ from loguru import logger
 
 from ._files import atomic_to_csv, atomic_write_text
 from ._validate import check_float, check_int
+from .loggers import check_loggers, open_loggers
 from .run import RunSettings, run, versions
 from .searchers import get_spec, supports_gradients
 
 __all__ = ["compare", "default_target", "time_to_target", "summarize", "plot_runs",
-           "RESULT_COLUMNS"]
+           "comparison_figure", "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = ["task", "searcher", "seed", "target_metric", "final_metric", "evaluations",
                   "wall_time", "evals_to_target", "time_to_target", "parameters", "popsize",
@@ -151,7 +155,8 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
             task_options: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
             eval_every: int = 10, searcher_options: dict[str, dict[str, Any]] | None = None,
             command: str | None = None, budget_evals: int | None = None,
-            dtype: str = "float32") -> Any:
+            dtype: str = "float32", loggers: Sequence[str] = (), num_actors: int = 0,
+            num_gpus_per_actor: float | None = None, ray_address: str | None = None) -> Any:
     """Run each searcher with seeds ``0..seeds-1`` on ``task`` under one budget.
 
     Args:
@@ -171,6 +176,11 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
         command: the command line recorded in ``summary.md`` (default ``sys.argv``).
         budget_evals: the former name of ``max_evals``.
         dtype: the forward pass's dtype (``RunSettings.dtype``), e.g. ``"bfloat16"``.
+        loggers: EvoTorch loggers for every run, by name
+            (:data:`~evotorch_mqa_moe.loggers.LOGGERS`): one logger (and one MLflow /
+            W&B / Neptune run, named ``TASK-SEARCHER-seedK``) per run.
+        num_actors, num_gpus_per_actor, ray_address: Ray actors for every run (as in
+            :class:`~evotorch_mqa_moe.run.RunSettings`).
 
     Returns:
         The ``results.csv`` table as a pandas DataFrame (one row per run).
@@ -190,6 +200,8 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
             raise ValueError("give max_evals or its former name budget_evals, not both")
         max_evals = budget_evals
     task_obj = _validate(task, searchers, seeds, max_evals, max_seconds, popsize, task_options)
+    loggers = list(loggers)
+    check_loggers(loggers)  # unknown names, missing packages: before any run
     unknown = sorted(set(searcher_options) - set(searchers))
     if unknown:
         raise ValueError(f"searcher_options names searchers not compared: {unknown}")
@@ -214,12 +226,16 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
                 max_seconds=max_seconds, popsize=popsize, seed=seed, device=device, stdev=stdev,
                 task_options=task_options, model=model,
                 searcher_options=dict(searcher_options.get(name, {})),
-                eval_every=eval_every, checkpoint_every=eval_every, dtype=dtype)
+                eval_every=eval_every, checkpoint_every=eval_every, dtype=dtype,
+                num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor,
+                ray_address=ray_address)
             folder = out / name / f"seed{seed}"
             resume = (folder / "checkpoint.pt").is_file()
             logger.info(f"compare {task}: run {i * seeds + seed + 1}/{total}: {name} seed {seed}"
                         f"{' (resuming)' if resume else ''} -> {folder}")
-            results = run(settings, folder, resume=resume)
+            with open_loggers(loggers, run_name=f"{task}-{name}-seed{seed}",
+                              out=folder) as callbacks:
+                results = run(settings, folder, resume=resume, callbacks=callbacks)
             history = pd.read_csv(folder / "history.csv")
             histories[(name, seed)] = history
             evals_hit, time_hit = time_to_target(history, metric, target)
@@ -240,7 +256,8 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
     summary = summarize(table, metric=metric, target=target, max_evals=max_evals,
                         max_seconds=max_seconds, command=command)
     atomic_write_text(summary, out / "summary.md")
-    plots = plot_runs(histories, metric=metric, out=out, target=target)
+    plots = plot_runs(histories, metric=metric, out=out, target=target, task=task,
+                      budget=describe_budget(max_evals, max_seconds))
     logger.info(f"compare {task}: {len(table)} runs; results.csv, summary.md and "
                 f"{len(plots)} plots in {out}")
     return table
@@ -308,55 +325,115 @@ def _median_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarr
     return grid, np.median(ys, axis=0)
 
 
-def plot_runs(histories: dict[tuple[str, int], Any], *, metric: str, out: str | Path,
-              target: float | None = None) -> list[Path]:
-    """PNG plots of best fitness and held-out ``metric`` against evaluations and wall time.
+SEEDS_LEGEND = "thin lines: one run per seed"
+MEDIAN_LEGEND = "bold line: median over seeds"
+_MARKERS = "osD^v<>ph*"
+_FLAT_OFFSET = 0.02  # vertical spread of tied searchers, as a share of the axis (or of 1)
 
-    ``histories`` maps ``(searcher, seed)`` to that run's history DataFrame. One
-    thin line per run, one colour per searcher, the searcher's median (over
-    runs, interpolated) in bold when it has several runs. Returns the paths.
+
+def comparison_figure(histories: dict[tuple[str, int], Any], column: str, xcol: str, *,
+                      ylabel: str, xlabel: str, title: str,
+                      target: float | None = None) -> Any:
+    """One comparison plot as a matplotlib ``Figure``: ``column`` against ``xcol``.
+
+    One thin line per run (seed), one colour and one marker shape per searcher, the
+    searcher's median over its runs in bold (a single run is its own median). When
+    every value in the plot is the same (e.g. exact accuracy 0 everywhere), the
+    searchers' lines are spread vertically by a few percent, so that none hides
+    another, and a note under the title says so; markers are staggered along x so
+    that searchers tied on a stretch stay visible too.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # no display; keeps a backend the caller chose
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    names = list(dict.fromkeys(name for name, _ in histories))
+    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in names}
+    for (name, _seed), h in histories.items():
+        if column not in h.columns or xcol not in h.columns:
+            continue
+        d = h[[xcol, column]].dropna()
+        d = d[np.isfinite(d[column])]
+        if not d.empty:
+            curves[name].append((d[xcol].to_numpy(float), d[column].to_numpy(float)))
+    values = [y for runs in curves.values() for _, y in runs]
+    flat = bool(values) and all(np.all(y == values[0][0]) for y in values)
+    drawn = [n for n in names if curves[n]]
+    offsets = {n: 0.0 for n in names}
+    if flat and len(drawn) > 1:
+        scale = abs(values[0][0]) or 1.0
+        offsets = {n: (i - (len(drawn) - 1) / 2) * _FLAT_OFFSET * scale
+                   for i, n in enumerate(drawn)}
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    handles = []
+    for i, name in enumerate(names):
+        marker = _MARKERS[i % len(_MARKERS)]
+        runs = [(x, y + offsets[name]) for x, y in curves[name]]
+        for x, y in runs:
+            ax.plot(x, y, color=colours[name], lw=0.8, alpha=0.45)
+        if len(runs) > 1:
+            gx, gy = _median_curve(runs)
+        else:
+            gx, gy = runs[0] if runs else (np.array([]), np.array([]))
+        if len(gx):
+            every = max(1, len(gx) // 8)  # ~8 markers, each searcher's shifted along x
+            ax.plot(gx, gy, color=colours[name], lw=2.5, marker=marker, ms=5,
+                    markevery=((i * every) // len(names), every))
+        handles.append(Line2D([], [], color=colours[name], lw=2.5, marker=marker, ms=5,
+                              label=name))
+    handles += [Line2D([], [], color="grey", lw=0.8, alpha=0.6, label=SEEDS_LEGEND),
+                Line2D([], [], color="grey", lw=2.5, label=MEDIAN_LEGEND)]
+    if column != "best_fitness" and target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1)
+        handles.append(Line2D([], [], color="grey", ls="--", lw=1,
+                              label=f"target {_fmt(target)}"))
+    if flat and len(drawn) > 1:  # one true value: say so, and tick only it
+        value = float(values[0][0])
+        title += (f"\n(every run at {_fmt(value)}; searchers drawn {_FLAT_OFFSET * 100:g}% "
+                  "apart so none hides another)")
+        ax.set_yticks([value])
+        spread = max(abs(o) for o in offsets.values())
+        ax.set_ylim(value - 2 * spread, value + 2 * spread)
+    ax.set_title(title, fontsize="medium")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs(histories: dict[tuple[str, int], Any], *, metric: str, out: str | Path,
+              target: float | None = None, task: str | None = None,
+              budget: str | None = None) -> list[Path]:
+    """PNG plots of best fitness and held-out ``metric`` against evaluations and wall time.
+
+    ``histories`` maps ``(searcher, seed)`` to that run's history DataFrame; each plot
+    is a :func:`comparison_figure` titled with ``task`` and ``budget`` (e.g.
+    ``describe_budget(...)``), which are also stored in the PNG's metadata
+    (``Title``, ``Description``). Returns the paths.
+    """
+    import matplotlib.pyplot as plt
 
     out = Path(out)
-    names = list(dict.fromkeys(name for name, _ in histories))
-    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     paths = []
     for column, label in (("best_fitness", "best fitness in the population"),
                           (metric, f"held-out {metric}")):
-        for xcol, xlabel in (("evaluations", "evaluations"), ("wall_time", "wall time (s)")):
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            for name in names:
-                curves = []
-                for (n, _seed), h in histories.items():
-                    if n != name or column not in h.columns:
-                        continue
-                    d = h[[xcol, column]].dropna()
-                    d = d[np.isfinite(d[column])]
-                    if d.empty:
-                        continue
-                    x, y = d[xcol].to_numpy(float), d[column].to_numpy(float)
-                    ax.plot(x, y, color=colours[name], lw=0.8, alpha=0.45,
-                            marker="." if len(x) < 3 else None)
-                    curves.append((x, y))
-                if len(curves) > 1:
-                    gx, gy = _median_curve(curves)
-                    if len(gx):
-                        ax.plot(gx, gy, color=colours[name], lw=2.5)
-                ax.plot([], [], color=colours[name], lw=2.5, label=name)
-            if column == metric and target is not None:
-                ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {_fmt(target)}")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
-            fig.tight_layout()
+        for xcol, xlabel in (("evaluations", "evaluations (forward-equivalents)"),
+                             ("wall_time", "wall time (s)")):
+            title = (f"{task or '?'}: {label}"
+                     + (f"\nbudget per run: {budget}" if budget else ""))
+            fig = comparison_figure(histories, column, xcol, ylabel=label, xlabel=xlabel,
+                                    title=title, target=target)
             path = out / f"{'best_fitness' if column == 'best_fitness' else metric}_vs_{xcol}.png"
-            fig.savefig(path, dpi=110)
+            fig.savefig(path, dpi=110, metadata={
+                "Title": title.replace("\n", "; "),
+                "Description": f"{SEEDS_LEGEND}; {MEDIAN_LEGEND}; searchers: "
+                               f"{', '.join(dict.fromkeys(n for n, _ in histories))}"})
             plt.close(fig)
             paths.append(path)
     return paths
-

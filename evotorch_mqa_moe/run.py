@@ -46,8 +46,9 @@ import math
 import os
 import platform
 import signal
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from ._evotorch_compat import actors_started, sync_logger_step
 from ._files import atomic_save, atomic_to_csv, atomic_write_text
 from ._validate import check_float, check_int
 from .config import TransformerConfig
@@ -119,6 +121,16 @@ class RunSettings:
             ``{"lr": 1e-3}`` for ``adam``).
         eval_every: generations between held-out evaluations.
         checkpoint_every: generations between checkpoints.
+        num_actors: Ray actors that evaluate the population in pieces (EvoTorch's
+            ``num_actors``; 0: evaluate here). Searchers that evaluate through the
+            problem (the EvoTorch ones) use them; the same seed gives the same run
+            with and without actors. Needs ``device="cpu"`` for the main process.
+        num_gpus_per_actor: GPUs per actor (EvoTorch's ``num_gpus_per_actor``; each
+            actor then evaluates on its GPU).
+        ray_address: join this Ray cluster (``ray.init(address=...)``, e.g.
+            ``"auto"`` or ``"10.0.0.1:6379"``) instead of starting a local one.
+        The last three change where the work runs, not what is computed: they are not
+        part of a checkpoint's identity, so a run may resume with other values.
     """
 
     task: str
@@ -136,6 +148,9 @@ class RunSettings:
     eval_every: int = 10
     checkpoint_every: int = 10
     dtype: str = "float32"
+    num_actors: int = 0
+    num_gpus_per_actor: float | None = None
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         get_spec(self.searcher)  # ValueError naming the known searchers
@@ -151,12 +166,32 @@ class RunSettings:
         self.seed = check_int("seed", self.seed, 0)
         # a known name, kept as one (the device is checked in _build)
         self.dtype = str(resolve_dtype(self.dtype, "meta")).removeprefix("torch.")
+        self.num_actors = check_int("num_actors", self.num_actors, 0)
+        if self.num_actors == 1:
+            raise ValueError("num_actors must be 0 (evaluate in this process) or >= 2 "
+                             "(Ray actors), got 1")
+        self.num_gpus_per_actor = check_float("num_gpus_per_actor", self.num_gpus_per_actor,
+                                              0.0, low_open=False, none_ok=True)
+        if self.ray_address is not None and (not isinstance(self.ray_address, str)
+                                             or not self.ray_address.strip()):
+            raise ValueError(f"ray_address must be a non-empty string, got {self.ray_address!r}")
+        if self.num_actors < 2:
+            given = [n for n in ("num_gpus_per_actor", "ray_address") if getattr(self, n)
+                     is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} need Ray actors: give num_actors "
+                                 f">= 2 (--actors), got {self.num_actors}")
+        elif str(self.device).split(":")[0] != "cpu":
+            raise ValueError(f"with Ray actors the main process must use device 'cpu', got "
+                             f"{self.device!r}; give the actors GPUs with num_gpus_per_actor "
+                             "(--gpus-per-actor)")
 
     def identity(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed (budgets may grow)."""
         d = dataclasses.asdict(self)
         for key in ("generations", "max_evaluations", "max_seconds", "eval_every",
-                    "checkpoint_every", "device"):
+                    "checkpoint_every", "device", "num_actors", "num_gpus_per_actor",
+                    "ray_address"):
             d.pop(key)
         if d["dtype"] == "float32":  # absent from checkpoints written before --dtype
             d.pop("dtype")
@@ -226,6 +261,22 @@ def check_population_memory(popsize: int, num_parameters: int, dtype: torch.dtyp
                          f"{have / 2**30:,.1f} GiB")
 
 
+def _connect_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address``; ``None``: EvoTorch starts a local Ray when it
+    starts the actors. ValueError naming the address when that fails."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("Ray actors need the ray package (pip install ray)") from None
+    if address is None or ray.is_initialized():
+        return
+    try:
+        ray.init(address=address)
+    except Exception as exc:  # noqa: BLE001 - connection errors of many kinds: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"cannot join the Ray cluster at {address!r}: {first}") from None
+
+
 def _build(settings: RunSettings):
     from .problems import make_task
 
@@ -238,8 +289,13 @@ def _build(settings: RunSettings):
             raise ValueError(f"unknown model field(s) {', '.join(map(repr, unknown))}; "
                              f"TransformerConfig fields: {', '.join(valid)}")
         config = config.replace(**settings.model)
+    actors: dict[str, Any] = {}
+    if settings.num_actors >= 2:
+        _connect_ray(settings.ray_address)
+        actors = {"num_actors": settings.num_actors,
+                  "num_gpus_per_actor": settings.num_gpus_per_actor}
     problem = TransformerProblem(task, config, seed=settings.seed, device=settings.device,
-                                 compute_dtype=settings.dtype)
+                                 compute_dtype=settings.dtype, **actors)
     if get_spec(settings.searcher).dense_population:  # lowrank-es stores factors, not P x N
         check_population_memory(resolved_settings(settings)["popsize"],
                                 problem.solution_length, problem.dtype, settings.device)
@@ -405,7 +461,8 @@ def _stop_at_generation_end() -> Iterator[dict[str, Any]]:
 
 
 def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
+        progress: bool = False) -> dict[str, Any]:
     """Run ``settings`` writing to folder ``out``; returns what ``results.json`` holds.
 
     Args:
@@ -414,6 +471,14 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
         resume: continue from ``out/checkpoint.pt``.
         overwrite: start afresh in a folder that already holds a run (its run files
             are deleted first); without it such a folder is refused.
+        callbacks: called after every generation with that generation's row of
+            ``history.csv`` plus ``"iter"`` (= ``"generation"``): numbers only, the
+            held-out metrics on the generations that compute them. EvoTorch loggers
+            fit here: :func:`~evotorch_mqa_moe.loggers.make_logger` (``"pandas"``,
+            ``"mlflow"``, ``"wandb"``, ``"neptune"``) or any callable.
+        progress: draw a progress bar toward the budget on stderr (tqdm; its
+            percentage is the furthest of the limits: generations, forward-equivalents,
+            seconds), with an ETA. The log lines are unchanged.
 
     Raises:
         FileNotFoundError: ``resume`` without ``out/checkpoint.pt``.
@@ -443,6 +508,20 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
         raise ValueError(f"cannot create output folder {out}: "
                          f"{exc.strerror or type(exc).__name__}") from None
     task, config, problem, searcher = _build(settings)
+    try:
+        return _execute(settings, out, task, config, problem, searcher, resume=resume,
+                        callbacks=list(callbacks), progress=progress)
+    finally:
+        if actors_started(problem):
+            problem.kill_actors()
+
+
+def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerConfig,
+             problem: TransformerProblem, searcher: Any, *, resume: bool,
+             callbacks: list[Callable[[dict[str, Any]], Any]],
+             progress: bool) -> dict[str, Any]:
+    """The body of :func:`run` once the searcher is built."""
+    checkpoint_path = out / "checkpoint.pt"
     history: list[dict[str, Any]] = []
     elapsed = 0.0
     resolved = resolved_settings(settings)
@@ -473,8 +552,12 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
         return _stop_reason(settings, gen, searcher.evaluations, elapsed)
 
     metric = task.target_metric
+    where = (f"{settings.num_actors} Ray actors" if settings.num_actors
+             else f"device {settings.device}")
     logger.info(f"{settings.task} with {settings.searcher}: {problem.solution_length:,} "
-                f"parameters, device {settings.device}, output {out}")
+                f"parameters, {where}, output {out}")
+    bar = _ProgressBar(settings, len(history), searcher.evaluations, elapsed) if progress \
+        else None
     try:
         with _stop_at_generation_end() as stop:
             while not done(len(history)):
@@ -494,12 +577,19 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
                     row.update({k: float(v) for k, v in
                                 problem.metrics(searcher.current_solution()).items()})
                 history.append(row)
+                for callback in callbacks:
+                    sync_logger_step(callback, gen - 1)  # EvoTorch loggers: step = gen
+                    callback({"iter": gen, **row})
+                if bar is not None:
+                    bar.update(gen, row["evaluations"], elapsed,
+                               row.get(metric) if metric in row else None, metric)
                 if gen % settings.eval_every == 0 or last:
                     rate = row["evaluations"] / max(elapsed, 1e-9)
                     held = f" | {metric} {row[metric]:.4g}" if metric in row else ""
-                    logger.info(f"gen {gen} | evals {row['evaluations']:,} | best "
-                                f"{row['best_fitness']:.4g} | mean {row['mean_fitness']:.4g}"
-                                f"{held} | {rate:,.0f} evals/s")
+                    # the unit is the budget's: one forward of one individual on one batch
+                    logger.info(f"gen {gen} | {row['evaluations']:,} forward-equivalents | "
+                                f"best {row['best_fitness']:.4g} | mean "
+                                f"{row['mean_fitness']:.4g}{held} | {rate:,.0f} fwd-eq/s")
                 if gen % settings.checkpoint_every == 0 or stop["signal"] is not None:
                     save_checkpoint()
                 if stop["signal"] is not None:
@@ -515,6 +605,12 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
                                      checkpoint=checkpoint_path if saved["any"] else None)
         logger.warning(interrupted.describe())
         raise interrupted from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if settings.num_actors and not actors_started(problem):
+        logger.warning(f"{settings.searcher} does not evaluate through the problem's "
+                       f"evaluate(): the {settings.num_actors} Ray actors were not used")
     save_checkpoint()
     limit, why = done(len(history)) or ("unknown", "")
     logger.info(f"stopped by {limit}: {why}")
@@ -532,6 +628,7 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
         "evaluations": searcher.evaluations, "wall_time": elapsed,
         "stopped_by": limit,
         "popsize": getattr(searcher, "popsize", settings.popsize),
+        "ray_actors_used": actors_started(problem),
         "best_fitness": max((r["best_fitness"] for r in history
                              if math.isfinite(r["best_fitness"])), default=float("nan")),
         "versions": versions(),
@@ -540,3 +637,42 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
     logger.info(f"done: {metric} = {final.get(metric, float('nan')):.4g} after "
                 f"{results['evaluations']:,} forward-equivalents in {elapsed:.1f} s -> {out}")
     return results
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr: percent of the budget (the furthest limit), ETA, generation,
+    forward-equivalents and the last held-out target metric."""
+
+    def __init__(self, settings: RunSettings, generation: int, evaluations: int,
+                 elapsed: float):
+        from tqdm import tqdm
+
+        self.settings = settings
+        self.held = ""
+        try:  # a terminal that reports no size (0 x 0: some ptys) would hide the bar
+            width, height = os.get_terminal_size(sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):
+            width = height = 0
+        self.bar = tqdm(total=100.0, initial=self._percent(generation, evaluations, elapsed),
+                        desc=f"{settings.task}/{settings.searcher}", file=sys.stderr,
+                        ncols=width or 100, nrows=height or 24, leave=True, smoothing=0.1,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                                   "[{elapsed}<{remaining}{postfix}]")
+
+    def _percent(self, generation: int, evaluations: int, elapsed: float) -> float:
+        s = self.settings
+        parts = [generation / s.generations if s.generations else 0.0,
+                 evaluations / s.max_evaluations if s.max_evaluations else 0.0,
+                 elapsed / s.max_seconds if s.max_seconds else 0.0]
+        return 100.0 * min(1.0, max(parts))
+
+    def update(self, generation: int, evaluations: int, elapsed: float,
+               value: float | None, metric: str) -> None:
+        if value is not None:
+            self.held = f", {metric} {value:.4g}"
+        self.bar.set_postfix_str(f"gen {generation:,}, {evaluations:,} fwd-eq{self.held}",
+                                 refresh=False)
+        self.bar.update(self._percent(generation, evaluations, elapsed) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -162,7 +162,7 @@ def test_generations_default_only_without_another_limit(tmp_path, monkeypatch, b
     """The settings `run` receives: 100 generations only when no limit at all is given."""
     import evotorch_mqa_moe.run as run_module
 
-    def fake_run(settings, out, resume=False, overwrite=False):
+    def fake_run(settings, out, resume=False, overwrite=False, **kwargs):
         raise _Settings(settings)
 
     monkeypatch.setattr(run_module, "run", fake_run)

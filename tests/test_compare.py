@@ -95,7 +95,7 @@ def test_compare_validates_before_running(tmp_path):
         compare("reverse", ["cmaes"], max_evals=8, out=tmp_path, popsize=2)
     with pytest.raises(ValueError, match="seeds"):
         _compare(tmp_path, seeds=0)
-    with pytest.raises(ValueError, match="max_evals must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="max_evals must be a positive integer( or None)?, got 0"):
         _compare(tmp_path, budget=0)
     with pytest.raises(ValueError, match="give a budget"):
         _compare(tmp_path, budget=None)
@@ -162,3 +162,75 @@ def test_cli_compare_writes_files(tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "results.csv")) == 2
     assert "Command: `" in (tmp_path / "summary.md").read_text()
     assert all((tmp_path / name).is_file() for name in PLOTS)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _history(evals, metric_values, best):
+    return pd.DataFrame({"evaluations": evals, "wall_time": [0.1 * e for e in evals],
+                         "best_fitness": best, "exact_accuracy": metric_values})
+
+
+def _line_data(fig, label_colours):
+    """{searcher: y data of its bold line} (the lines drawn with lw 2.5 and a marker)."""
+    ax = fig.axes[0]
+    bold = [ln for ln in ax.get_lines() if ln.get_linewidth() == 2.5 and ln.get_marker()
+            not in (None, "None", "")]
+    return {name: [ln for ln in bold if ln.get_color() == colour]
+            for name, colour in label_colours.items()}
+
+
+def test_plot_title_legend_and_all_zero_metric_keeps_searchers_apart():
+    from evotorch_mqa_moe.compare import MEDIAN_LEGEND, SEEDS_LEGEND, comparison_figure
+
+    evals = [8, 16, 24, 32]
+    histories = {(name, seed): _history(evals, [0.0] * 4, [-2.0 + seed, -1.5, -1.2, -1.0])
+                 for name in ("ga", "pgpe", "snes") for seed in (0, 1)}
+    fig = comparison_figure(histories, "exact_accuracy", "evaluations",
+                            ylabel="held-out exact_accuracy", xlabel="evaluations",
+                            title="reverse: held-out exact_accuracy\nbudget per run: 32")
+    ax = fig.axes[0]
+    assert "reverse" in ax.get_title() and "budget per run: 32" in ax.get_title()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:3] == ["ga", "pgpe", "snes"]
+    assert SEEDS_LEGEND in legend and MEDIAN_LEGEND in legend
+    assert "thin" in SEEDS_LEGEND and "seed" in SEEDS_LEGEND and "median" in MEDIAN_LEGEND
+    # every run at 0: each searcher's bold line sits at its own height, with its own marker
+    handles = ax.get_legend().legend_handles[:3]
+    colours = {name: h.get_color() for name, h in zip(["ga", "pgpe", "snes"], handles,
+                                                       strict=True)}
+    lines = _line_data(fig, colours)
+    heights = {name: set(ls[0].get_ydata()) for name, ls in lines.items()}
+    assert all(len(h) == 1 for h in heights.values())  # flat lines
+    assert len({next(iter(h)) for h in heights.values()}) == 3  # ... at three heights
+    assert len({h.get_marker() for h in handles}) == 3
+    assert "every run at 0" in ax.get_title() and list(ax.get_yticks()) == [0.0]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    # a metric that varies is drawn as measured (no offsets)
+    histories[("ga", 0)]["exact_accuracy"] = [0.0, 0.1, 0.2, 0.3]
+    fig = comparison_figure(histories, "exact_accuracy", "evaluations", ylabel="y",
+                            xlabel="x", title="t")
+    lines = _line_data(fig, colours)
+    assert set(lines["pgpe"][0].get_ydata()) == {0.0}
+    assert "every run at" not in fig.axes[0].get_title()
+    plt.close(fig)
+
+
+def test_saved_plots_carry_title_and_legend_in_their_metadata(tmp_path):
+    from PIL import Image
+
+    from evotorch_mqa_moe.compare import plot_runs
+
+    histories = {("ga", 0): _history([8, 16], [0.0, 0.0], [-2.0, -1.0]),
+                 ("adam", 0): _history([3, 6], [0.0, 0.0], [-2.0, -1.5])}
+    paths = plot_runs(histories, metric="exact_accuracy", out=tmp_path, task="reverse",
+                      budget="16 forward-equivalents")
+    assert len(paths) == 4
+    for path in paths:
+        info = Image.open(path).info
+        assert info["Title"].startswith("reverse: ") and "16 forward-equivalents" in info["Title"]
+        assert "thin lines: one run per seed" in info["Description"]
+        assert "median" in info["Description"] and "ga, adam" in info["Description"]

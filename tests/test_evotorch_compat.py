@@ -261,3 +261,17 @@ def test_scan_covers_ga_and_operators_batch_access():
         text = (ROOT / "evotorch_mqa_moe" / module).read_text()
         assert not re.search(r"\._(evdata|data)\b|_compute_num_tournaments|__computed"
                              r"|_feature_grid|\._actors\b", text), module
+
+
+def test_sync_logger_step_sets_an_evotorch_loggers_step_count():
+    from evotorch_mqa_moe.loggers import make_logger
+
+    log = make_logger("pandas", interval=2)
+    compat.sync_logger_step(log, 5)  # the next call is step 6: logged (6 % 2 == 0)
+    log({"iter": 6, "x": 1.0})
+    compat.sync_logger_step(log, 6)  # step 7: not logged
+    log({"iter": 7, "x": 2.0})
+    assert list(log.to_dataframe().index) == [6]
+    seen = []
+    compat.sync_logger_step(seen.append, 3)  # other callables: untouched
+    assert not hasattr(seen.append, "_steps_count")
