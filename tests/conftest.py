@@ -19,14 +19,16 @@ TEST_DEVICE = torch.device(os.environ.get(DEVICE_VARIABLE, "cpu"))
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"cuda: needs a CUDA device ({DEVICE_VARIABLE}=cuda)")
+    config.addinivalue_line("markers", "device: takes the device fixture (set automatically)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: `-m device` picks the device-aware tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if TEST_DEVICE.type == "cuda":
-        return
     skip = pytest.mark.skip(reason=f"needs {DEVICE_VARIABLE}=cuda")
     for item in items:
-        if item.get_closest_marker("cuda") is not None:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+        if TEST_DEVICE.type != "cuda" and item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
 
