@@ -27,6 +27,7 @@ from _machine import machine_report
 from loguru import logger
 
 from evotorch_mqa_moe.run import RunSettings, run
+from evotorch_mqa_moe.tune import metric_value
 
 
 def _one(settings: RunSettings, folder: Path, metric: str) -> float:
@@ -34,9 +35,9 @@ def _one(settings: RunSettings, folder: Path, metric: str) -> float:
     if done.is_file():
         results = json.loads(done.read_text())
         if results.get("settings", {}).get("max_evaluations") == settings.max_evaluations:
-            return float(results["final_metrics"][metric])
+            return metric_value(results["final_metrics"], metric, settings.task)
     results = run(settings, folder, overwrite=True)
-    return float(results["final_metrics"][metric])
+    return metric_value(results["final_metrics"], metric, settings.task)
 
 
 def compare_one(best_path: Path, seeds: list[int], out: Path) -> dict:

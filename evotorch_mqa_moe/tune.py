@@ -50,7 +50,7 @@ from ._validate import check_float, check_int
 from .run import RunSettings, run
 from .searchers import get_spec
 
-__all__ = ["tune", "suggest", "trial_settings", "BEST_KEYS", "load_config"]
+__all__ = ["tune", "suggest", "trial_settings", "BEST_KEYS", "load_config", "metric_value"]
 
 BEST_KEYS = ("task", "searcher", "popsize", "stdev", "searcher_options", "task_options",
              "model", "metric", "value")
@@ -61,7 +61,7 @@ HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
 GRACE_S = 30  # a running trial without a heartbeat for this long is marked failed
 
 
-def _metric_value(metrics: Mapping[str, float], metric: str, task: str) -> float:
+def metric_value(metrics: Mapping[str, float], metric: str, task: str) -> float:
     """``metrics[metric]``; ``neg_NAME`` is ``-metrics[NAME]`` when the task reports only
     ``NAME`` (the study maximises, so ``neg_loss`` minimises the held-out loss: the
     signal on a plateau where the accuracies still sit at chance)."""
@@ -384,7 +384,7 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
                                       overwrite=i == 0)
                     finally:
                         spent["runs"] += time.perf_counter() - t0
-                    values.append(_metric_value(results["final_metrics"], metric, task))
+                    values.append(metric_value(results["final_metrics"], metric, task))
                 value = sum(values) / len(values)
                 if not math.isfinite(value):
                     trial.set_user_attr("fail_reason", f"{metric} is {value} after {mark:,} "
