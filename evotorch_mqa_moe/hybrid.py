@@ -561,7 +561,7 @@ class HybridSearcher:
         state: dict[str, Any] = {
             "kind": type(self).__name__, "steps": self.steps, "examples": self._examples,
             "best_eval": self._best_eval, "data_epoch": self.problem.data_epoch,
-            "data_root": self.problem._data_root,
+            "data_root": self.problem.data_root,
             "generator": self.problem.generator.get_state(),
         }
         for key in self._state_keys:
@@ -580,7 +580,7 @@ class HybridSearcher:
         self.steps, self._examples = state["steps"], state["examples"]
         self._best_eval = state["best_eval"]
         self.problem.data_epoch = state["data_epoch"]
-        self.problem._data_root = state["data_root"]
+        self.problem.data_root = state["data_root"]
         self.problem.generator.set_state(state["generator"])
         device = self.problem.device
         for key in self._state_keys:

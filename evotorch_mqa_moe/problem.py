@@ -303,6 +303,20 @@ class TransformerProblem(NEProblem):
         self._data_epoch = check_int("data_epoch", epoch, 0)
 
     @property
+    def data_root(self) -> int:
+        """The root of the data stream: batch ``k`` is drawn from ``(data_root, k)``.
+
+        Derived from the problem's ``seed``; a checkpoint stores it so that a
+        searcher resumed on a problem built with another seed continues the same
+        stream (a non-negative int).
+        """
+        return self._data_root
+
+    @data_root.setter
+    def data_root(self, root: int) -> None:
+        self._data_root = check_int("data_root", root, 0)
+
+    @property
     def last_data_epoch(self) -> int | None:
         """The data epoch of the latest evaluation (``None`` before the first).
 

@@ -298,6 +298,19 @@ def test_data_epoch_is_a_public_property():
     assert p.last_data_epoch == 0
 
 
+def test_data_root_is_a_public_property_that_selects_the_stream():
+    # a problem given another problem's data_root draws that problem's batches
+    a, b = tiny_problem(seed=1), tiny_problem(seed=2)
+    assert a.data_root != b.data_root
+    b.data_root = a.data_root
+    xa, _ = a.task.sample(4, a.data_generator(3))
+    xb, _ = b.task.sample(4, b.data_generator(3))
+    assert torch.equal(xa, xb)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="data_root"):
+            b.data_root = bad
+
+
 class ConstantFitnessTask:
     """Fitness = mean output, computed without reading anything back to the host."""
 
