@@ -645,7 +645,7 @@ class LowRankES:
                 "steps": self.steps, "evaluations": self._evaluations,
                 "best_eval": self._best_eval, "pop_best_eval": self._pop_best,
                 "mean_eval": self._mean, "data_epoch": self.problem.data_epoch,
-                "data_root": self.problem._data_root}
+                "data_root": self.problem.data_root}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume exactly from :meth:`state_dict` of a searcher built the same way."""
@@ -665,7 +665,7 @@ class LowRankES:
         self._best_eval, self._pop_best = state["best_eval"], state["pop_best_eval"]
         self._mean = state["mean_eval"]
         self.problem.data_epoch = state["data_epoch"]
-        self.problem._data_root = state["data_root"]
+        self.problem.data_root = state["data_root"]
 
 
 def build_lowrank_es(problem: Any, *, popsize: int, stdev: float, sigma: float | None = None,
