@@ -384,7 +384,12 @@ def _check_resumable(path: Path, ckpt: dict[str, Any], settings: RunSettings,
     skip.add("model")  # the model is compared as the resolved config, field by field
     diffs = _differences({k: v for k, v in ckpt["settings"].items() if k not in skip},
                          {k: v for k, v in settings.identity().items() if k not in skip})
-    diffs += [f"model.{d}" for d in _differences(ckpt["config"], config.to_dict())]
+    # a config field added after the checkpoint was written is absent there: it had
+    # the field's default, which by convention keeps the earlier behaviour
+    added = {f.name: f.default for f in dataclasses.fields(TransformerConfig)
+             if f.name not in ckpt["config"] and f.default is not dataclasses.MISSING}
+    diffs += [f"model.{d}" for d in _differences({**added, **ckpt["config"]},
+                                                 config.to_dict())]
     if diffs:
         raise ValueError(f"{path} was written by other settings: {'; '.join(diffs)}")
     resolved = resolved_settings(settings)

@@ -152,6 +152,18 @@ def test_resume_refuses_changed_defaults(finished, tmp_path, monkeypatch):
     assert run(_settings(generations=3, stdev=0.5), out, resume=True)["generations"] == 3
 
 
+def test_resume_accepts_a_config_field_added_later_at_its_default(finished, tmp_path):
+    """A checkpoint written before a config field existed (``gating`` came later) has
+    that field at its default; a different value is still refused, naming the field."""
+    out = _copy_run(finished, tmp_path / "run")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"].pop("gating") == "linear"
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert run(_settings(generations=3), out, resume=True)["generations"] == 3
+    with pytest.raises(ValueError, match=r"model.gating: checkpoint 'linear', this run"):
+        run(_settings(generations=4, model={"gating": "attention"}), out, resume=True)
+
+
 def test_resume_continues(finished, tmp_path):
     out = _copy_run(finished, tmp_path / "run")
     results = run(_settings(generations=3), out, resume=True)
