@@ -106,10 +106,12 @@ def table(out: Path, keys: list[str], scale: float = 1.0,
             f = g["final_metric"]
             hit = g["evals_to_target"].notna()
             metric = g["target_metric"].iloc[0]
+            to_target = (f"{int(g.loc[hit, 'evals_to_target'].median()):,}" if hit.any()
+                         else "-")
             lines.append(
                 f"| {key} ({metric}) | {budget} | {name} | {_fmt(f.median())} "
                 f"[{_fmt(f.min())}-{_fmt(f.max())}] | {int(hit.sum())}/{len(g)} | "
-                f"{_fmt(g.loc[hit, 'evals_to_target'].median(), 4) if hit.any() else '-'} | "
+                f"{to_target} | "
                 f"{_fmt(g.loc[hit, 'time_to_target'].median()) if hit.any() else '-'} | "
                 f"{_fmt(g['evaluations'].median(), 6)} | {_fmt(g['wall_time'].median())} |")
     return "\n".join(lines)
