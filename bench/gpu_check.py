@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import statistics
 import sys
@@ -262,11 +261,9 @@ def main() -> None:
     ap.add_argument("--tests-log", action="append", default=[], metavar="LABEL=FILE",
                     help="pytest logs to summarise (repeatable)")
     args = ap.parse_args()
-    import evotorch  # noqa: F401  (quieten its per-problem INFO lines)
+    from evotorch_mqa_moe._evotorch_compat import quiet_evotorch_loggers
 
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("evotorch") and not name.startswith("evotorch_mqa_moe"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_evotorch_loggers()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tiny:

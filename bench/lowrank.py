@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import statistics
 import subprocess
@@ -369,11 +368,9 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-name", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    import evotorch  # noqa: F401  (creates its loggers; quieten their per-problem INFO lines)
+    from evotorch_mqa_moe._evotorch_compat import quiet_evotorch_loggers
 
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("evotorch") and not name.startswith("evotorch_mqa_moe"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_evotorch_loggers()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:

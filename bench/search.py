@@ -54,18 +54,16 @@ QUICK_FACTOR = 0.2  # --quick: a fifth of each budget, one seed
 def _run_task(key: str, task: str, options: dict[str, Any], budget: int, threshold,
               searchers: list[str], seeds: int, out: str, eval_every: int,
               max_seconds: float | None = None) -> str:
-    import logging
 
-    import evotorch  # noqa: F401  (creates its loggers, quietened next)
     import torch
     from loguru import logger
+
+    from evotorch_mqa_moe._evotorch_compat import quiet_evotorch_loggers
 
     torch.set_num_threads(1)
     logger.remove()
     logger.add(Path(out) / f"{key}.log", level="INFO")
-    for name in list(logging.root.manager.loggerDict):  # EvoTorch's per-problem INFO lines
-        if name.startswith("evotorch") and not name.startswith("evotorch_mqa_moe"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_evotorch_loggers()
     from evotorch_mqa_moe.compare import compare
     from evotorch_mqa_moe.problems import make_task
 

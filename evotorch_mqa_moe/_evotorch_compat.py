@@ -42,6 +42,7 @@ __all__ = [
     "mapelites_building",
     "evaluating_with",
     "sync_logger_step",
+    "quiet_evotorch_loggers",
 ]
 
 TESTED_VERSIONS = ">=0.6.1,<0.7"
@@ -156,3 +157,14 @@ def mapelites_building(depth: int = 2) -> tuple[Any, int] | None:
     if not isinstance(caller, MAPElites):
         return None
     return caller, int(caller._feature_grid.shape[1])
+
+
+def quiet_evotorch_loggers() -> None:
+    """Raise EvoTorch's standard-library loggers to WARNING: every ``Problem`` logs a
+    few INFO lines (dtype, device, actors) when built, noise in a run's output. The
+    loggers exist once ``evotorch`` is imported (this module imports it)."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("evotorch") and not name.startswith("evotorch_mqa_moe"):
+            logging.getLogger(name).setLevel(logging.WARNING)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import sys
 from pathlib import Path
@@ -384,11 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"evotorch-mqa-moe: error: {exc}", file=sys.stderr)
             return 2
-    import evotorch  # noqa: F401  (creates its loggers, which the next lines quieten)
+    from ._evotorch_compat import quiet_evotorch_loggers
 
-    for name in list(logging.root.manager.loggerDict):  # EvoTorch's per-problem INFO chatter
-        if name.startswith("evotorch") and not name.startswith("evotorch_mqa_moe"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_evotorch_loggers()
     try:
         _validate_common(args)
         if args.command == "tune":
