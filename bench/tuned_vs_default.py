@@ -10,8 +10,9 @@ as recorded) twice per seed: once with the searcher's registry defaults and once
 the tuned popsize / stdev / options. Seeds must be ones the study never ran (the study
 ran ``first_seed..first_seed+seeds-1``, recorded in ``best.json``): the script refuses
 overlapping seeds, so the comparison is held out. Runs are plain ``run()`` calls, one
-folder each under ``--out`` (an existing finished run is reused, so an interrupted
-comparison continues). Prints and writes ``OUT/tuned_vs_default.md`` and ``.json``.
+folder each under ``--out`` (a folder with a checkpoint resumes, as in ``compare``, so an
+interrupted comparison continues and a finished run is reused). Prints and writes
+``OUT/tuned_vs_default.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -31,12 +32,8 @@ from evotorch_mqa_moe.tune import metric_value
 
 
 def _one(settings: RunSettings, folder: Path, metric: str) -> float:
-    done = folder / "results.json"
-    if done.is_file():
-        results = json.loads(done.read_text())
-        if results.get("settings", {}).get("max_evaluations") == settings.max_evaluations:
-            return metric_value(results["final_metrics"], metric, settings.task)
-    results = run(settings, folder, overwrite=True)
+    # as compare does: a folder with a checkpoint resumes (a finished run returns at once)
+    results = run(settings, folder, resume=(folder / "checkpoint.pt").is_file())
     return metric_value(results["final_metrics"], metric, settings.task)
 
 
@@ -51,7 +48,7 @@ def compare_one(best_path: Path, seeds: list[int], out: Path) -> dict:
     budget = int(best["budget_evals"])
     common = {"task": task, "searcher": searcher, "max_evaluations": budget,
               "task_options": best.get("task_options") or {}, "model": best.get("model") or {},
-              "checkpoint_every": 10**9}
+              "checkpoint_every": 10}
     tuned = {"popsize": best.get("popsize"), "stdev": best.get("stdev"),
              "searcher_options": best.get("searcher_options") or {}}
     key = f"{task}-{searcher}"
