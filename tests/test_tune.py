@@ -262,7 +262,9 @@ def test_a_fresh_study_starts_with_the_defaults_as_baseline(tmp_path):
     best = _small(tmp_path, 2, space=space)
     first = _trials(tmp_path)[0]
     assert first.user_attrs.get("baseline") is True
-    assert first.params == {"stdev": 0.05, "mutation_probability": 0.1, "popsize": 200}
+    default_popsize = get_spec("ga").default_popsize
+    assert first.params == {"stdev": 0.05, "mutation_probability": 0.1,
+                            "popsize": default_popsize}
     assert best["baseline_value"] == first.value
     # a second invocation adds trials, not another baseline
     _small(tmp_path, 1, space=space)
@@ -274,7 +276,8 @@ def test_no_baseline_when_a_default_is_outside_the_space():
     from evotorch_mqa_moe.tune import baseline_params
 
     spec = get_spec("ga")
-    assert baseline_params(spec, {"popsize": ("int", 6, 300)}) == {"popsize": 200}
-    assert baseline_params(spec, {"popsize": ("int", 6, 100)}) is None  # 200 outside
+    n = spec.default_popsize
+    assert baseline_params(spec, {"popsize": ("int", 6, 3 * n)}) == {"popsize": n}
+    assert baseline_params(spec, {"popsize": ("int", 6, n - 1)}) is None  # n outside
     assert baseline_params(spec, {"granularity": ("cat", ["row"])}) is None
     assert baseline_params(get_spec("pgpe"), {"center_learning_rate": ("log", 0.01, 1)}) is None
