@@ -288,3 +288,34 @@ def test_ga_variants_resume_exactly_from_a_checkpoint_state(options):
         rebuilt.step()
     assert torch.equal(original.population.values, rebuilt.population.values)
     assert torch.equal(original.population.evals, rebuilt.population.evals)
+
+
+def _noisy_sphere(seed: int) -> Problem:
+    """Minimise |x|^2 seen through N(0, 0.5^2) noise, drawn afresh at every evaluation."""
+    noise = torch.Generator().manual_seed(1000 + seed)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (x**2).sum(-1) + 0.5 * torch.randn(x.shape[0], generator=noise)
+
+    return Problem("min", f, solution_length=20, initial_bounds=(-1.0, 1.0), vectorized=True,
+                   seed=seed)
+
+
+@pytest.mark.parametrize("num_elites", [2, 10])
+def test_re_scored_elites_escape_the_winners_curse_on_noisy_fitness(num_elites):
+    # Elites win their place with the luckiest noise of their batch; never re-scored,
+    # they keep that score and crowd out better children. Re-scoring them on each new
+    # batch (the `ga` searcher's default) must end nearer the true optimum on every
+    # one of 5 fixed seeds, and at least 1.5x nearer in the median (measured: 2.4x
+    # with 2 elites, 3.0x with 10).
+    def true_mean(re_evaluate, seed):
+        ga = seed_genetic_algorithm(_noisy_sphere(seed), popsize=40, num_elites=num_elites,
+                                    re_evaluate=re_evaluate, stdev=0.05)
+        for _ in range(150):
+            ga.step()
+        return float((ga.population.values**2).sum(-1).mean())
+
+    stale = torch.tensor([true_mean(False, s) for s in range(5)])
+    fresh = torch.tensor([true_mean("elites", s) for s in range(5)])
+    assert (fresh < stale).all(), (fresh, stale)
+    assert stale.median() / fresh.median() > 1.5, (fresh, stale)
