@@ -28,8 +28,8 @@ counted). Only the limits given apply; the log and ``results.json``
 ``overwrite=True`` (``--overwrite``) or ``resume=True``. A checkpoint is checked
 before it is used: unreadable, incomplete, wrongly shaped or non-finite
 checkpoints, other settings (the message names each field that differs), other
-resolved popsize / stdev (the checkpoint records what the defaults resolved to,
-and the package version) and ``generations`` below the checkpoint's are each a
+resolved popsize / stdev / searcher options (the checkpoint records what the
+defaults resolved to, and the package version) and ``generations`` below the checkpoint's are each a
 ``ValueError`` naming the file and what is wrong.
 
 Ctrl-C or SIGTERM stops the run after the current generation and saves a
@@ -210,18 +210,27 @@ def versions() -> dict[str, str]:
 
 
 def resolved_settings(settings: RunSettings) -> dict[str, Any]:
-    """What ``settings``' names resolve to in this version: the searcher's popsize and
-    stdev (its spec's defaults when not given) and the package version.
+    """What ``settings``' names resolve to in this version: the searcher's popsize,
+    stdev and options (its spec's ``defaults`` under the options given), and the
+    package version.
 
-    Recorded in the checkpoint; a resume whose resolved popsize / stdev differ (the
-    defaults changed in an upgrade) is refused.
+    Recorded in the checkpoint; a resume whose resolved popsize / stdev / options
+    differ (the defaults changed in an upgrade) is refused.
     """
     from . import __version__
 
     spec = get_spec(settings.searcher)
     return {"popsize": spec.default_popsize if settings.popsize is None else settings.popsize,
             "stdev": spec.default_stdev if settings.stdev is None else settings.stdev,
+            "options": {**spec.defaults, **settings.searcher_options},
             "evotorch_mqa_moe": __version__}
+
+
+def _flat_resolved(resolved: dict[str, Any]) -> dict[str, Any]:
+    """``resolved`` without the version, its options as ``searcher_options.NAME`` keys."""
+    flat = {k: v for k, v in resolved.items() if k not in ("options", "evotorch_mqa_moe")}
+    flat.update({f"searcher_options.{k}": v for k, v in resolved.get("options", {}).items()})
+    return flat
 
 
 # bytes per population element: the population, its sampled noise / offspring and a
@@ -378,9 +387,12 @@ def _check_resumable(path: Path, ckpt: dict[str, Any], settings: RunSettings,
                      config: TransformerConfig) -> None:
     """ValueError naming what differs between the checkpoint and this run."""
     recorded = ckpt.get("resolved")
-    # with resolved values recorded, popsize / stdev are compared as resolved (so a
-    # default given explicitly matches the same default left unset)
+    # with resolved values recorded, popsize / stdev (and the searcher options, where
+    # recorded) are compared as resolved, so a default given explicitly matches the
+    # same default left unset
     skip = {"popsize", "stdev"} if recorded is not None else set()
+    if recorded is not None and "options" in recorded:
+        skip.add("searcher_options")
     skip.add("model")  # the model is compared as the resolved config, field by field
     diffs = _differences({k: v for k, v in ckpt["settings"].items() if k not in skip},
                          {k: v for k, v in settings.identity().items() if k not in skip})
@@ -397,12 +409,19 @@ def _check_resumable(path: Path, ckpt: dict[str, Any], settings: RunSettings,
         logger.warning(f"{path} does not record its resolved popsize/stdev (written by an "
                        f"older version); resuming with this version's: {resolved}")
     else:
-        diffs = _differences({k: v for k, v in recorded.items() if k != "evotorch_mqa_moe"},
-                             {k: v for k, v in resolved.items() if k != "evotorch_mqa_moe"})
+        ours = _flat_resolved(resolved)
+        if "options" not in recorded:  # written before options were recorded
+            if resolved["options"]:
+                logger.warning(f"{path} does not record its searcher's resolved options "
+                               "(written by an older version); resuming with this "
+                               f"version's: {resolved['options']}")
+            ours = {k: v for k, v in ours.items() if not k.startswith("searcher_options.")}
+        diffs = _differences(_flat_resolved(recorded), ours)
         if diffs:
             raise ValueError(f"{path} was written with other resolved searcher settings "
                              f"(the defaults changed?): {'; '.join(diffs)}; give them "
-                             "explicitly (--popsize / --stdev) to resume")
+                             "explicitly (--popsize / --stdev / --searcher-option NAME=VALUE) "
+                             "to resume")
         if recorded.get("evotorch_mqa_moe") != resolved["evotorch_mqa_moe"]:
             logger.warning(f"{path} was written by evotorch_mqa_moe "
                            f"{recorded.get('evotorch_mqa_moe')}, resuming with "

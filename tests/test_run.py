@@ -135,7 +135,7 @@ def test_checkpoint_records_resolved_settings(finished):
     from evotorch_mqa_moe import __version__
 
     spec = get_spec("pgpe")
-    assert ckpt["resolved"] == {"popsize": 8, "stdev": spec.default_stdev,
+    assert ckpt["resolved"] == {"popsize": 8, "stdev": spec.default_stdev, "options": {},
                                 "evotorch_mqa_moe": __version__}
 
 
@@ -150,6 +150,33 @@ def test_resume_refuses_changed_defaults(finished, tmp_path, monkeypatch):
         run(_settings(generations=3), out, resume=True)
     # the same checkpoint resumes when the recorded value is given explicitly
     assert run(_settings(generations=3, stdev=0.5), out, resume=True)["generations"] == 3
+
+
+def test_resume_refuses_changed_searcher_option_defaults(tmp_path):
+    """`ga`'s option defaults (``SearcherSpec.defaults``) are recorded resolved: a
+    checkpoint written when a default was different is refused, naming the option, and
+    resumes once the recorded value is given explicitly; a checkpoint from before
+    options were recorded resumes with this version's."""
+    settings = _settings(searcher="ga")
+    out = tmp_path / "run"
+    run(settings, out)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["resolved"]["options"] == dict(get_spec("ga").defaults)
+    old = {**ckpt["resolved"]["options"], "re_evaluate": False}  # as before "elites"
+    ckpt["resolved"]["options"] = old
+    torch.save(ckpt, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"searcher_options\.re_evaluate: checkpoint False, "
+                                         r"this run 'elites'.*--searcher-option"):
+        run(dataclasses.replace(settings, generations=3), out, resume=True)
+    explicit = dataclasses.replace(settings, generations=3,
+                                   searcher_options={"re_evaluate": False})
+    assert run(explicit, out, resume=True)["generations"] == 3
+    # a checkpoint that predates recorded options: resumed with this version's
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["resolved"]["options"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert run(dataclasses.replace(explicit, generations=4), out,
+               resume=True)["generations"] == 4
 
 
 def test_resume_accepts_a_config_field_added_later_at_its_default(finished, tmp_path):
