@@ -23,13 +23,21 @@ __all__ = ["main", "DEFAULT_GENERATIONS"]
 DEFAULT_GENERATIONS = 100  # `run`'s limit when no --generations / --max-evals / --max-seconds
 
 
+# Python's spellings too, so that `re_evaluate=False` means False and not the string
+PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}
+
+
 def _key_values(items: list[str] | None, what: str) -> dict[str, Any]:
-    """``["seq_len=10", "source=text"]`` -> ``{"seq_len": 10, "source": "text"}`` (JSON values)."""
+    """``["seq_len=10", "source=text"]`` -> ``{"seq_len": 10, "source": "text"}`` (JSON
+    values, or Python's ``True`` / ``False`` / ``None``; anything else stays a string)."""
     result = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"{what} must look like NAME=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
+        if raw in PYTHON_CONSTANTS:
+            result[key] = PYTHON_CONSTANTS[raw]
+            continue
         try:
             result[key] = json.loads(raw)
         except json.JSONDecodeError:

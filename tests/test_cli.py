@@ -309,6 +309,16 @@ def test_checkpoint_from_other_task_or_config(tmp_path, capsys):
     assert "other settings" in msg
 
 
+@pytest.mark.parametrize(("raw", "value"), [
+    ("False", False), ("false", False), ("True", True), ("None", None), ("null", None),
+    ("elites", "elites"), ("0.5", 0.5), ("3", 3), ("'elites'", "'elites'")])
+def test_option_values_are_json_or_python_constants(raw, value):
+    from evotorch_mqa_moe.cli import _key_values
+
+    parsed = _key_values([f"re_evaluate={raw}"], "--searcher-option")["re_evaluate"]
+    assert parsed == value and type(parsed) is type(value)
+
+
 def test_bad_key_value_and_task_option(tmp_path, capsys):
     msg = _error(["run", "reverse", "--task-option", "seq_len", "--out", str(tmp_path)], capsys)
     assert "NAME=VALUE" in msg
