@@ -25,7 +25,7 @@ TASKS: tuple[tuple[str, int, str], ...] = (
     ('cartpole', 3300, 'mean_return'),
 )
 SEARCHERS: tuple[tuple[str, int, bool, str], ...] = (
-    ('ga', 100, False, 'our GA: truncation selection, uniform cross-over, probabilistic Gaussian mutation, re-scored elites'),  # noqa: E501
+    ('ga', 50, False, 'our GA: truncation selection, uniform cross-over, probabilistic Gaussian mutation, re-scored elites'),  # noqa: E501
     ('ga-seed', 200, False, "the seed's GA exactly as first shipped, pinned (`ga` may change)"),
     ('ga-evotorch', 300, False, "EvoTorch's GeneticAlgorithm with its SBX cross-over and Gaussian mutation"),  # noqa: E501
     ('steady-state-ga', 300, False, "EvoTorch's SteadyStateGA with our operators"),
