@@ -29,8 +29,8 @@ counted). Only the limits given apply; the log and ``results.json``
 before it is used: unreadable, incomplete, wrongly shaped or non-finite
 checkpoints, other settings (the message names each field that differs), other
 resolved popsize / stdev / searcher options (the checkpoint records what the
-defaults resolved to, and the package version) and ``generations`` below the checkpoint's are each a
-``ValueError`` naming the file and what is wrong.
+defaults resolved to, and the package version) and ``generations`` below the
+checkpoint's are each a ``ValueError`` naming the file and what is wrong.
 
 Ctrl-C or SIGTERM stops the run after the current generation and saves a
 checkpoint (a second signal stops at once, keeping the last periodic one); ``resume=True``
