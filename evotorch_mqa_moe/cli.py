@@ -24,7 +24,7 @@ DEFAULT_GENERATIONS = 100  # `run`'s limit when no --generations / --max-evals /
 
 
 # Python's spellings too, so that `re_evaluate=False` means False and not the string
-PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}
+_PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}
 
 
 def _key_values(items: list[str] | None, what: str) -> dict[str, Any]:
@@ -35,8 +35,8 @@ def _key_values(items: list[str] | None, what: str) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"{what} must look like NAME=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
-        if raw in PYTHON_CONSTANTS:
-            result[key] = PYTHON_CONSTANTS[raw]
+        if raw in _PYTHON_CONSTANTS:
+            result[key] = _PYTHON_CONSTANTS[raw]
             continue
         try:
             result[key] = json.loads(raw)
