@@ -39,7 +39,7 @@ from evotorch import SolutionBatch
 from evotorch.neuroevolution import NEProblem
 
 from evotorch_mqa_moe import MQAMoETransformer, num_parameters, preset
-from evotorch_mqa_moe.ga import seed_genetic_algorithm
+from evotorch_mqa_moe.evolution.ga import seed_genetic_algorithm
 from evotorch_mqa_moe.model import default_chunk_size, init_parameters
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task

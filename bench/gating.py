@@ -29,12 +29,12 @@ import torch
 from torch.nn.utils import vector_to_parameters
 
 from evotorch_mqa_moe import MQAMoETransformer, num_parameters
-from evotorch_mqa_moe.backprop import BackpropTrainer
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
 from evotorch_mqa_moe.problems._scoring import accuracies
 from evotorch_mqa_moe.problems.multitask import OPERATIONS
 from evotorch_mqa_moe.searchers import make_searcher
+from evotorch_mqa_moe.searchers.backprop import BackpropTrainer
 
 
 def routing_and_outputs(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,9 +38,10 @@ from _machine import machine_report, sync, timed
 from lowrank import bf16_accuracy, forward_flops, mm_peak, pass_methods
 
 from evotorch_mqa_moe import population_forward, preset
-from evotorch_mqa_moe.config import preset_overrides
-from evotorch_mqa_moe.functional import gaussian_mutation_, truncation_pairs, uniform_cross_over
-from evotorch_mqa_moe.model import init_parameters, resolve_dtype
+from evotorch_mqa_moe.evolution.crossover import uniform_cross_over
+from evotorch_mqa_moe.evolution.mutation import gaussian_mutation_
+from evotorch_mqa_moe.evolution.selection import truncation_pairs
+from evotorch_mqa_moe.model import init_parameters, preset_overrides, resolve_dtype
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
 from evotorch_mqa_moe.searchers import make_searcher
@@ -261,7 +262,7 @@ def main() -> None:
     ap.add_argument("--tests-log", action="append", default=[], metavar="LABEL=FILE",
                     help="pytest logs to summarise (repeatable)")
     args = ap.parse_args()
-    from evotorch_mqa_moe._evotorch_compat import quiet_evotorch_loggers
+    from evotorch_mqa_moe._internal.evotorch_compat import quiet_evotorch_loggers
 
     quiet_evotorch_loggers()
     if args.threads:

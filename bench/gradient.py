@@ -22,9 +22,9 @@ import torch
 from _machine import machine_report, timed
 
 from evotorch_mqa_moe import num_parameters, population_forward, preset
-from evotorch_mqa_moe.hybrid import gradient_chunk_size, population_loss_and_grad
 from evotorch_mqa_moe.model import default_chunk_size, init_parameters
 from evotorch_mqa_moe.problems._scoring import masked_cross_entropy
+from evotorch_mqa_moe.searchers.gradients import gradient_chunk_size, population_loss_and_grad
 
 
 def main() -> None:

@@ -22,10 +22,11 @@ import time
 import torch
 from loguru import logger
 
-from evotorch_mqa_moe.backprop import BackpropTrainer
-from evotorch_mqa_moe.hybrid import build_baldwin, build_lamarck, build_pbt
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
+from evotorch_mqa_moe.searchers.backprop import BackpropTrainer
+from evotorch_mqa_moe.searchers.lamarck import build_baldwin, build_lamarck
+from evotorch_mqa_moe.searchers.pbt import build_pbt
 
 BUILDERS = {"lamarck": build_lamarck, "baldwin": build_baldwin, "pbt": build_pbt,
             "adam": lambda problem, **options: BackpropTrainer(problem, **options)}

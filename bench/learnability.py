@@ -49,10 +49,10 @@ from _machine import machine_report
 from torch.nn.utils import parameters_to_vector
 
 from evotorch_mqa_moe import num_parameters
-from evotorch_mqa_moe.backprop import BackpropTrainer
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
 from evotorch_mqa_moe.searchers import make_searcher
+from evotorch_mqa_moe.searchers.backprop import BackpropTrainer
 
 THRESHOLD_SLACK_BPC = 0.05
 """``language`` markov counts as learned within this many bits/char of the entropy rate."""

@@ -40,12 +40,16 @@ import torch
 from _machine import machine_report, sync, timed
 
 from evotorch_mqa_moe import num_parameters, population_forward, preset
-from evotorch_mqa_moe.config import preset_overrides
-from evotorch_mqa_moe.lowrank import LowRankNoise, lowrank_layout
-from evotorch_mqa_moe.model import default_chunk_size, init_parameters
+from evotorch_mqa_moe.model import (
+    default_chunk_size,
+    init_parameters,
+    lowrank_layout,
+    preset_overrides,
+)
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
 from evotorch_mqa_moe.searchers import make_searcher
+from evotorch_mqa_moe.searchers.lowrank_es import LowRankNoise
 
 
 def forward_flops(config, batch: int, seq: int) -> float:
@@ -368,7 +372,7 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-name", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from evotorch_mqa_moe._evotorch_compat import quiet_evotorch_loggers
+    from evotorch_mqa_moe._internal.evotorch_compat import quiet_evotorch_loggers
 
     quiet_evotorch_loggers()
     if args.threads:

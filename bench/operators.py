@@ -44,18 +44,17 @@ from evotorch import Problem
 from evotorch.operators import GaussianMutation as EvoGaussianMutation
 from evotorch.operators import OnePointCrossOver, SimulatedBinaryCrossOver
 
-from evotorch_mqa_moe.config import preset
-from evotorch_mqa_moe.functional import (
+from evotorch_mqa_moe.evolution.crossover import (
     _MASK_BLOCK_GENES,
-    _bernoulli_mask,
     _expand_groups,
     _group_table,
     _prepare_groups,
     _uniform_cross_over_stacked,
-    gaussian_mutation,
-    gaussian_mutation_,
 )
-from evotorch_mqa_moe.operators import GaussianMutation, UniformCrossOver
+from evotorch_mqa_moe.evolution.mutation import gaussian_mutation, gaussian_mutation_
+from evotorch_mqa_moe.evolution.operators import GaussianMutation, UniformCrossOver
+from evotorch_mqa_moe.evolution.sampling import _bernoulli_mask
+from evotorch_mqa_moe.model import preset
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
 

@@ -32,8 +32,9 @@ from _machine import machine_report, timed
 from loguru import logger
 
 from evotorch_mqa_moe import TransformerProblem, preset
+from evotorch_mqa_moe.evolution.safe_mutation import SafeMutationScale
+from evotorch_mqa_moe.evolution.sensitivity import METHODS
 from evotorch_mqa_moe.problems.reverse import ReverseTask
-from evotorch_mqa_moe.safe_mutation import METHODS, SafeMutationScale
 
 
 def main() -> None:

@@ -58,14 +58,14 @@ def _run_task(key: str, task: str, options: dict[str, Any], budget: int, thresho
     import torch
     from loguru import logger
 
-    from evotorch_mqa_moe._evotorch_compat import quiet_evotorch_loggers
+    from evotorch_mqa_moe._internal.evotorch_compat import quiet_evotorch_loggers
 
     torch.set_num_threads(1)
     logger.remove()
     logger.add(Path(out) / f"{key}.log", level="INFO")
     quiet_evotorch_loggers()
-    from evotorch_mqa_moe.compare import compare
     from evotorch_mqa_moe.problems import make_task
+    from evotorch_mqa_moe.workflow.compare import compare
 
     usable = list(searchers)
     if not callable(getattr(make_task(task, **options), "loss", None)):

@@ -27,8 +27,9 @@ import torch
 from _machine import machine_report
 from loguru import logger
 
-from evotorch_mqa_moe.run import RunSettings, run
-from evotorch_mqa_moe.tune import metric_value
+from evotorch_mqa_moe.workflow.run import run
+from evotorch_mqa_moe.workflow.settings import RunSettings
+from evotorch_mqa_moe.workflow.tune import metric_value
 
 
 def _one(settings: RunSettings, folder: Path, metric: str) -> float:

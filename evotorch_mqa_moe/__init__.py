@@ -15,23 +15,28 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._internal import moved as _moved
+
 __version__ = "0.1.0"
+
+# the 0.1 module paths (evotorch_mqa_moe.run, .functional, ...) stay importable
+_moved.install()
 
 # public name -> the submodule that defines it
 _EXPORTS: dict[str, str] = {
-    "SelfAdaptiveStepSize": "adaptive", "SuccessRule": "adaptive",
-    "per_tensor_stdev": "adaptive",
-    "PRESETS": "config", "TransformerConfig": "config", "preset": "config",
-    "gaussian_mutation": "functional", "uniform_cross_over": "functional",
-    "SeedGeneticAlgorithm": "ga", "seed_genetic_algorithm": "ga",
+    "SelfAdaptiveStepSize": "evolution.adaptive", "SuccessRule": "evolution.adaptive",
+    "per_tensor_stdev": "evolution.adaptive",
+    "PRESETS": "model.config", "TransformerConfig": "model.config", "preset": "model.config",
+    "gaussian_mutation": "evolution.functional", "uniform_cross_over": "evolution.functional",
+    "SeedGeneticAlgorithm": "evolution.ga", "seed_genetic_algorithm": "evolution.ga",
     "EncoderLayer": "model", "MixtureOfExperts": "model", "MQAMoETransformer": "model",
     "MultiQueryAttention": "model", "PopulationModel": "model", "num_parameters": "model",
     "population_forward": "model",
-    "GaussianMutation": "operators", "UniformCrossOver": "operators",
+    "GaussianMutation": "evolution.operators", "UniformCrossOver": "evolution.operators",
     "TransformerProblem": "problem",
     "SEARCHERS": "searchers", "Searcher": "searchers", "SearcherSpec": "searchers",
     "make_searcher": "searchers", "register": "searchers",
-    "SupervisedTask": "task", "Task": "task",
+    "SupervisedTask": "problem.task", "Task": "problem.task",
 }
 
 __all__ = [
@@ -60,20 +65,32 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from .adaptive import SelfAdaptiveStepSize, SuccessRule, per_tensor_stdev
-    from .config import PRESETS, TransformerConfig, preset
-    from .functional import gaussian_mutation, uniform_cross_over
-    from .ga import SeedGeneticAlgorithm, seed_genetic_algorithm
-    from .model import (
+    from evotorch_mqa_moe.evolution.adaptive import (
+        SelfAdaptiveStepSize,
+        SuccessRule,
+        per_tensor_stdev,
+    )
+    from evotorch_mqa_moe.evolution.crossover import uniform_cross_over
+    from evotorch_mqa_moe.evolution.ga import SeedGeneticAlgorithm, seed_genetic_algorithm
+    from evotorch_mqa_moe.evolution.mutation import gaussian_mutation
+    from evotorch_mqa_moe.evolution.operators import GaussianMutation, UniformCrossOver
+    from evotorch_mqa_moe.model import (
+        PRESETS,
         EncoderLayer,
         MixtureOfExperts,
         MQAMoETransformer,
         MultiQueryAttention,
         PopulationModel,
+        TransformerConfig,
         num_parameters,
         population_forward,
+        preset,
     )
-    from .operators import GaussianMutation, UniformCrossOver
-    from .problem import TransformerProblem
-    from .searchers import SEARCHERS, Searcher, SearcherSpec, make_searcher, register
-    from .task import SupervisedTask, Task
+    from evotorch_mqa_moe.problem import SupervisedTask, Task, TransformerProblem
+    from evotorch_mqa_moe.searchers import (
+        SEARCHERS,
+        Searcher,
+        SearcherSpec,
+        make_searcher,
+        register,
+    )

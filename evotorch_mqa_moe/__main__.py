@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from evotorch_mqa_moe.workflow.cli import main
 
 sys.exit(main())

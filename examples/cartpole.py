@@ -23,7 +23,9 @@ import torch
 from loguru import logger
 
 from evotorch_mqa_moe.problems import make_task
-from evotorch_mqa_moe.run import RunSettings, load_model, run
+from evotorch_mqa_moe.workflow.checkpoint import load_model
+from evotorch_mqa_moe.workflow.run import run
+from evotorch_mqa_moe.workflow.settings import RunSettings
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--generations", type=int, default=40)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from evotorch_mqa_moe.compare import compare
+from evotorch_mqa_moe.workflow.compare import compare
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--task", default="reverse")

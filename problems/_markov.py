@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evotorch_mqa_moe._validate import check_float, check_int
+from evotorch_mqa_moe._internal.validate import check_float, check_int
 
 __all__ = ["MarkovSource"]
 

@@ -20,9 +20,9 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
-from evotorch_mqa_moe._validate import check_int
-from evotorch_mqa_moe.config import TransformerConfig
-from evotorch_mqa_moe.task import SupervisedTask
+from evotorch_mqa_moe._internal.validate import check_int
+from evotorch_mqa_moe.model import TransformerConfig
+from evotorch_mqa_moe.problem import SupervisedTask
 
 from ._scoring import accuracies, masked_cross_entropy
 

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evotorch_mqa_moe._validate import check_bool, check_int
-from evotorch_mqa_moe.config import TransformerConfig
-from evotorch_mqa_moe.model import PopulationModel
+from evotorch_mqa_moe._internal.validate import check_bool, check_int
+from evotorch_mqa_moe.model import PopulationModel, TransformerConfig
 
 __all__ = ["CartPoleTask", "start_states"]
 

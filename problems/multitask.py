@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from evotorch_mqa_moe._validate import check_int
-from evotorch_mqa_moe.config import TransformerConfig
+from evotorch_mqa_moe._internal.validate import check_int
+from evotorch_mqa_moe.model import TransformerConfig
 
 from ._scoring import IGNORE
 from ._synthetic import SyntheticTask

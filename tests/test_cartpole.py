@@ -6,19 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from evotorch_mqa_moe.model import (
-    MQAMoETransformer,
-    PopulationModel,
-    check_inputs,
-    num_parameters,
-)
+from evotorch_mqa_moe.model import MQAMoETransformer, PopulationModel, check_inputs, num_parameters
+from evotorch_mqa_moe.problem import Task
 from evotorch_mqa_moe.problems.cartpole import (
     TIME_STEP,
     TRAIN_SEED_SPACE,
     CartPoleTask,
     start_states,
 )
-from evotorch_mqa_moe.task import Task
 
 gym = pytest.importorskip("gymnasium")
 

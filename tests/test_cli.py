@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evotorch_mqa_moe.cli import main
-from evotorch_mqa_moe.run import load_model
 from evotorch_mqa_moe.searchers import SEARCHERS
+from evotorch_mqa_moe.workflow.checkpoint import load_model
+from evotorch_mqa_moe.workflow.cli import main
 
 TINY = ["--model", "embed_dim=8", "--model", "num_heads=2", "--model", "expert_dim=8"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ class _Settings(Exception):
 ])
 def test_generations_default_only_without_another_limit(tmp_path, monkeypatch, budget, expected):
     """The settings `run` receives: 100 generations only when no limit at all is given."""
-    import evotorch_mqa_moe.run as run_module
+    import evotorch_mqa_moe.workflow.run as run_module
 
     def fake_run(settings, out, resume=False, overwrite=False, **kwargs):
         raise _Settings(settings)
@@ -188,7 +188,7 @@ def test_searcher_option_and_lr_reach_the_searcher(tmp_path):
 def test_resume_after_keyboard_interrupt_equals_uninterrupted(tmp_path, searcher, monkeypatch):
     """KeyboardInterrupt raised inside a step (as a second Ctrl-C would): exit 130, the
     last periodic checkpoint (generation 2) is kept, then --resume."""
-    import evotorch_mqa_moe.run as run_module
+    import evotorch_mqa_moe.workflow.run as run_module
 
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(_run_args(full, searcher, 6)) == 0
@@ -313,7 +313,7 @@ def test_checkpoint_from_other_task_or_config(tmp_path, capsys):
     ("False", False), ("false", False), ("True", True), ("None", None), ("null", None),
     ("elites", "elites"), ("0.5", 0.5), ("3", 3), ("'elites'", "'elites'")])
 def test_option_values_are_json_or_python_constants(raw, value):
-    from evotorch_mqa_moe.cli import _key_values
+    from evotorch_mqa_moe.workflow.cli import _key_values
 
     parsed = _key_values([f"re_evaluate={raw}"], "--searcher-option")["re_evaluate"]
     assert parsed == value and type(parsed) is type(value)
@@ -496,7 +496,7 @@ def test_compare_still_resumes_its_runs(tmp_path):
 def test_interrupt_before_any_checkpoint_does_not_claim_one(tmp_path, monkeypatch, capsys):
     """A second Ctrl-C (KeyboardInterrupt inside a step) before the first checkpoint:
     the last line must not say a checkpoint was saved."""
-    import evotorch_mqa_moe.run as run_module
+    import evotorch_mqa_moe.workflow.run as run_module
 
     real_build = run_module._build
 
@@ -517,7 +517,7 @@ def test_interrupt_before_any_checkpoint_does_not_claim_one(tmp_path, monkeypatc
 
 
 def test_interrupt_mid_generation_names_the_kept_checkpoint(tmp_path, monkeypatch, capsys):
-    import evotorch_mqa_moe.run as run_module
+    import evotorch_mqa_moe.workflow.run as run_module
 
     real_build, calls = run_module._build, {"n": 0}
 
@@ -568,7 +568,7 @@ def test_huge_popsize_refused_with_the_memory_it_needs(tmp_path, capsys):
 
 
 def test_failed_checkpoint_write_one_line_no_tmp(tmp_path, monkeypatch, capsys):
-    import evotorch_mqa_moe.run as run_module
+    import evotorch_mqa_moe.workflow.run as run_module
 
     def full_disk(obj, f, *args, **kwargs):
         Path(f).write_bytes(b"partial")
@@ -586,7 +586,7 @@ def test_help_shows_defaults_and_every_run_option_has_help(capsys):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 10)" in text and "(default: 0)" in text and "(default: cpu)" in text
-    from evotorch_mqa_moe.cli import _parser
+    from evotorch_mqa_moe.workflow.cli import _parser
 
     run_parser = next(a for a in _parser()._actions if a.dest == "command").choices["run"]
     for action in run_parser._actions:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import evotorch_mqa_moe
-from evotorch_mqa_moe import _catalog
+from evotorch_mqa_moe.workflow import catalog as _catalog
 
 HEAVY = ("torch", "evotorch", "numpy", "pandas", "matplotlib", "optuna", "ray")
 
@@ -29,7 +29,7 @@ def imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]
 def test_help_and_list_import_neither_torch_nor_evotorch(argv):
     done, names = imported_modules(*argv)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "evotorch_mqa_moe.cli" in names  # the listing works
+    assert "evotorch_mqa_moe.workflow.cli" in names  # the listing works
     loaded = sorted(n for n in names if n.split(".")[0] in HEAVY)
     assert not loaded, f"`{' '.join(argv)}` imported {loaded[:10]}"
     assert ("usage: evotorch-mqa-moe" in done.stdout) == (argv[-1] == "--help")
@@ -47,11 +47,11 @@ def test_a_real_command_still_loads_them(tmp_path):
 
 def test_list_table_is_the_live_registries():
     # the table `list` prints without importing them; regenerate it with
-    # `python -m evotorch_mqa_moe._catalog --write` when this fails
+    # `python -m evotorch_mqa_moe.workflow.catalog --write` when this fails
     tasks, searchers = _catalog.live()
-    assert _catalog.TASKS == tasks, "tasks changed: python -m evotorch_mqa_moe._catalog --write"
+    assert _catalog.TASKS == tasks, "tasks changed: python -m evotorch_mqa_moe.workflow.catalog --write"
     assert _catalog.SEARCHERS == searchers, (
-        "searchers changed: python -m evotorch_mqa_moe._catalog --write")
+        "searchers changed: python -m evotorch_mqa_moe.workflow.catalog --write")
 
 
 def test_list_prints_the_table():

@@ -7,15 +7,15 @@ import math
 import pandas as pd
 import pytest
 
-from evotorch_mqa_moe.cli import main
-from evotorch_mqa_moe.compare import (
+from evotorch_mqa_moe.problems import make_task
+from evotorch_mqa_moe.workflow.cli import main
+from evotorch_mqa_moe.workflow.compare import (
     RESULT_COLUMNS,
     compare,
     default_target,
     summarize,
     time_to_target,
 )
-from evotorch_mqa_moe.problems import make_task
 
 TINY = {"embed_dim": 8, "num_heads": 2, "expert_dim": 8}
 PLOTS = ["best_fitness_vs_evaluations.png", "best_fitness_vs_wall_time.png",
@@ -182,7 +182,7 @@ def _line_data(fig, label_colours):
 
 
 def test_plot_title_legend_and_all_zero_metric_keeps_searchers_apart():
-    from evotorch_mqa_moe.compare import MEDIAN_LEGEND, SEEDS_LEGEND, comparison_figure
+    from evotorch_mqa_moe.workflow.compare import MEDIAN_LEGEND, SEEDS_LEGEND, comparison_figure
 
     evals = [8, 16, 24, 32]
     histories = {(name, seed): _history(evals, [0.0] * 4, [-2.0 + seed, -1.5, -1.2, -1.0])
@@ -222,7 +222,7 @@ def test_plot_title_legend_and_all_zero_metric_keeps_searchers_apart():
 def test_saved_plots_carry_title_and_legend_in_their_metadata(tmp_path):
     from PIL import Image
 
-    from evotorch_mqa_moe.compare import plot_runs
+    from evotorch_mqa_moe.workflow.compare import plot_runs
 
     histories = {("ga", 0): _history([8, 16], [0.0, 0.0], [-2.0, -1.0]),
                  ("adam", 0): _history([3, 6], [0.0, 0.0], [-2.0, -1.5])}

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evotorch_mqa_moe import TransformerConfig
-from evotorch_mqa_moe.config import MAX_SEQ_LEN
+from evotorch_mqa_moe.model.config import MAX_SEQ_LEN
 
 
 def make(**changes):

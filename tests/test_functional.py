@@ -5,17 +5,14 @@ import math
 import pytest
 import torch
 
-import evotorch_mqa_moe.functional as functional
-from evotorch_mqa_moe.functional import (
+from evotorch_mqa_moe.evolution import crossover
+from evotorch_mqa_moe.evolution.crossover import _cross_over_population, uniform_cross_over
+from evotorch_mqa_moe.evolution.mutation import (
     _bernoulli_positions,
-    _cross_over_population,
-    best_first,
     gaussian_mutation,
     gaussian_mutation_,
-    tournament_pairs,
-    truncation_pairs,
-    uniform_cross_over,
 )
+from evotorch_mqa_moe.evolution.selection import best_first, tournament_pairs, truncation_pairs
 
 
 def gen(seed=0):
@@ -81,8 +78,8 @@ def test_cross_over_copies_bits_exactly_and_leaves_inputs_alone():
 
 
 def test_cross_over_non_contiguous_and_chunked_rows(monkeypatch):
-    monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * 800)  # 3 rows per chunk
-    monkeypatch.setattr(functional, "_CHUNK_GENES_MULTITHREAD", 3 * 800)
+    monkeypatch.setattr(crossover, "_CHUNK_GENES", 3 * 800)  # 3 rows per chunk
+    monkeypatch.setattr(crossover, "_CHUNK_GENES_MULTITHREAD", 3 * 800)
     base = torch.randn(40, 800, generator=gen(1))
     a, b = base[::2], base[1::2]
     c1, c2 = uniform_cross_over(a, b, generator=gen(2))
@@ -93,8 +90,8 @@ def test_cross_over_non_contiguous_and_chunked_rows(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2])  # two gather paths
 def test_cross_over_population_gathers_rows_in_chunks(monkeypatch, threads):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * 500)  # 3 rows per chunk
-    monkeypatch.setattr(functional, "_CHUNK_GENES_MULTITHREAD", 3 * 500)
+    monkeypatch.setattr(crossover, "_CHUNK_GENES", 3 * 500)  # 3 rows per chunk
+    monkeypatch.setattr(crossover, "_CHUNK_GENES_MULTITHREAD", 3 * 500)
     values = torch.randn(50, 500, generator=gen(1))
     idx1 = torch.randint(50, (40,), generator=gen(2))
     idx2 = (idx1 + 1) % 50
@@ -226,16 +223,16 @@ def test_group_cross_over_plan_gather_and_blocking_agree(monkeypatch, p):
     ids = torch.cat([matrix_columns(20, 9), torch.arange(9), torch.arange(60) // 7 + 9])
     a = torch.randn(50, ids.numel(), generator=gen(1))
     b = torch.randn(50, ids.numel(), generator=gen(2))
-    plan = functional._prepare_groups(ids.clone(), ids.numel(), a.device)
+    plan = crossover._prepare_groups(ids.clone(), ids.numel(), a.device)
     assert plan.segments is not None and len(plan.segments) <= 8
     ref = uniform_cross_over(a, b, swap_probability=p, generator=gen(3), groups=ids.clone())
-    monkeypatch.setattr(functional, "_MAX_PLAN_SEGMENTS", 0)  # force the gather
-    assert functional._prepare_groups(ids.clone(), ids.numel(), a.device).segments is None
+    monkeypatch.setattr(crossover, "_MAX_PLAN_SEGMENTS", 0)  # force the gather
+    assert crossover._prepare_groups(ids.clone(), ids.numel(), a.device).segments is None
     gathered = uniform_cross_over(a, b, swap_probability=p, generator=gen(3), groups=ids.clone())
     monkeypatch.undo()
-    monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * ids.numel())
-    monkeypatch.setattr(functional, "_CHUNK_GENES_MULTITHREAD", 3 * ids.numel())
-    monkeypatch.setattr(functional, "_MASK_BLOCK_GENES", 7 * ids.numel())  # 2 chunks a block
+    monkeypatch.setattr(crossover, "_CHUNK_GENES", 3 * ids.numel())
+    monkeypatch.setattr(crossover, "_CHUNK_GENES_MULTITHREAD", 3 * ids.numel())
+    monkeypatch.setattr(crossover, "_MASK_BLOCK_GENES", 7 * ids.numel())  # 2 chunks a block
     chunked = uniform_cross_over(a, b, swap_probability=p, generator=gen(3), groups=ids.clone())
     for other in (gathered, chunked):
         assert torch.equal(ref[0], other[0]) and torch.equal(ref[1], other[1])
@@ -244,9 +241,9 @@ def test_group_cross_over_plan_gather_and_blocking_agree(monkeypatch, p):
 @pytest.mark.parametrize("threads", [1, 2])  # two gather paths
 def test_group_cross_over_population_pairs(monkeypatch, threads):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(functional, "_CHUNK_GENES", 3 * 500)
-    monkeypatch.setattr(functional, "_CHUNK_GENES_MULTITHREAD", 3 * 500)
-    monkeypatch.setattr(functional, "_MASK_BLOCK_GENES", 6 * 500)
+    monkeypatch.setattr(crossover, "_CHUNK_GENES", 3 * 500)
+    monkeypatch.setattr(crossover, "_CHUNK_GENES_MULTITHREAD", 3 * 500)
+    monkeypatch.setattr(crossover, "_MASK_BLOCK_GENES", 6 * 500)
     values = torch.randn(50, 500, generator=gen(1))
     before = values.clone()
     ids = matrix_columns(25, 20)

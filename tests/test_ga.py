@@ -7,8 +7,8 @@ import torch
 from evotorch import Problem
 from evotorch.algorithms import GeneticAlgorithm
 
-from evotorch_mqa_moe.adaptive import SelfAdaptiveStepSize, SuccessRule, per_tensor_stdev
-from evotorch_mqa_moe.ga import SeedGeneticAlgorithm, seed_genetic_algorithm
+from evotorch_mqa_moe.evolution.adaptive import SelfAdaptiveStepSize, SuccessRule, per_tensor_stdev
+from evotorch_mqa_moe.evolution.ga import SeedGeneticAlgorithm, seed_genetic_algorithm
 
 
 def sphere(x: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,11 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from evotorch_mqa_moe import MQAMoETransformer, TransformerConfig, population_forward
-from evotorch_mqa_moe.genes import GENE_GROUP_LEVELS, gene_groups
 from evotorch_mqa_moe.model import (
+    GENE_GROUP_LEVELS,
     MixtureOfExperts,
     gate_logits,
+    gene_groups,
     init_parameters,
     moe_gates,
     num_parameters,

@@ -5,9 +5,14 @@ import math
 import pytest
 import torch
 
-from evotorch_mqa_moe.config import TransformerConfig
-from evotorch_mqa_moe.genes import GENE_GROUP_LEVELS, gene_groups
-from evotorch_mqa_moe.model import MQAMoETransformer, num_parameters, parameter_layout
+from evotorch_mqa_moe.model import (
+    GENE_GROUP_LEVELS,
+    MQAMoETransformer,
+    TransformerConfig,
+    gene_groups,
+    num_parameters,
+    parameter_layout,
+)
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
 

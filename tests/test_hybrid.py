@@ -9,20 +9,18 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from evotorch_mqa_moe import MQAMoETransformer, TransformerConfig
-from evotorch_mqa_moe.hybrid import (
-    SEARCH_SPACES,
-    PopulationAdam,
-    PopulationSGD,
-    build_baldwin,
-    build_lamarck,
-    build_pbt,
-    gradient_chunk_size,
-    population_loss_and_grad,
-)
 from evotorch_mqa_moe.model import init_parameters
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
 from evotorch_mqa_moe.problems._scoring import masked_cross_entropy
+from evotorch_mqa_moe.searchers import SEARCHERS
+from evotorch_mqa_moe.searchers.gradients import (
+    gradient_chunk_size,
+    population_loss_and_grad,
+)
+from evotorch_mqa_moe.searchers.lamarck import build_baldwin, build_lamarck
+from evotorch_mqa_moe.searchers.pbt import build_pbt
+from evotorch_mqa_moe.searchers.population_optim import PopulationAdam, PopulationSGD
 
 TOL = 1e-5
 
@@ -369,7 +367,7 @@ def test_baldwin_leaves_the_genome_unchanged_and_lamarck_writes_learning_back():
 
 
 def test_lamarck_genome_is_the_manually_trained_network():
-    from evotorch_mqa_moe.hybrid import train_population
+    from evotorch_mqa_moe.searchers.hybrid import train_population
     lamarck = build("lamarck", k=3, lr=1e-2)
     lamarck.step()
     problem = tiny_problem()
@@ -474,7 +472,7 @@ def test_gradient_searchers_refuse_cartpole(name):
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_search_space_entries_are_builder_options(name):
-    space = SEARCH_SPACES[name]
+    space = SEARCHERS[name].search_space
     assert {"popsize", "lr"} <= set(space)
     for key, entry in space.items():
         assert entry[0] in ("log", "float", "int", "cat")

@@ -15,8 +15,9 @@ import textwrap
 import pandas as pd
 import pytest
 
-from evotorch_mqa_moe.loggers import LOGGERS, check_loggers, make_logger, open_loggers
-from evotorch_mqa_moe.run import RunSettings, run
+from evotorch_mqa_moe.workflow.loggers import LOGGERS, check_loggers, make_logger, open_loggers
+from evotorch_mqa_moe.workflow.run import run
+from evotorch_mqa_moe.workflow.settings import RunSettings
 
 TINY = {"embed_dim": 8, "num_heads": 2, "expert_dim": 8}
 TINY_ARGS = ["--model", "embed_dim=8", "--model", "num_heads=2", "--model", "expert_dim=8"]
@@ -190,7 +191,7 @@ def test_cli_loggers_end_to_end_with_fake_services_and_resume(tmp_path):
 
 
 def test_compare_opens_one_logger_per_run(tmp_path):
-    from evotorch_mqa_moe.cli import main
+    from evotorch_mqa_moe.workflow.cli import main
 
     out = tmp_path / "c"
     assert main(["compare", "reverse", "--searchers", "pgpe,adam", "--seeds", "2",

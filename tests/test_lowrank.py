@@ -13,20 +13,20 @@ import pytest
 import torch
 
 from evotorch_mqa_moe import TransformerConfig, population_forward
-from evotorch_mqa_moe import model as model_module
-from evotorch_mqa_moe.lowrank import (
+from evotorch_mqa_moe.model import (
     MODES,
-    LowRankES,
-    LowRankNoise,
     LowRankWeight,
-    centered_ranks,
     check_rank,
+    init_parameters,
     lowrank_layout,
+    num_parameters,
+    resolve_dtype,
 )
-from evotorch_mqa_moe.model import init_parameters, num_parameters, resolve_dtype
+from evotorch_mqa_moe.model import dtypes as model_module
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
 from evotorch_mqa_moe.searchers import make_searcher
+from evotorch_mqa_moe.searchers.lowrank_es import LowRankES, LowRankNoise, centered_ranks
 
 REL = 1e-4  # float32, relative to the largest output
 
@@ -352,7 +352,7 @@ TINY = ["--model", "embed_dim=8", "--model", "num_heads=2", "--model", "expert_d
 
 
 def _run(out, generations, *extra):
-    from evotorch_mqa_moe.cli import main
+    from evotorch_mqa_moe.workflow.cli import main
 
     return main(["run", "reverse", "--searcher", "lowrank-es", "--popsize", "8",
                  "--generations", str(generations), "--eval-every", "1", "--checkpoint-every",
@@ -393,7 +393,7 @@ def test_preset_gives_the_preset_architecture_with_the_task_io(tmp_path):
 
 
 def test_compare_runs_lowrank_es(tmp_path):
-    from evotorch_mqa_moe.compare import compare
+    from evotorch_mqa_moe.workflow.compare import compare
 
     table = compare("reverse", ["lowrank-es"], seeds=1, max_evals=16, out=tmp_path,
                     popsize=8, model={"embed_dim": 8, "num_heads": 2, "expert_dim": 8},

@@ -1,7 +1,7 @@
 """The chunk choice against measured memory: peak RSS of one population pass in a fresh process.
 
 ``default_chunk_size`` picks how many individuals run at once from an estimate of
-the activation bytes of the pass (``model._bytes_per_individual``: attention scores
+the activation bytes of the pass (``model.bytes_per_individual``: attention scores
 and softmax ``B*H*T*T``, QKV, expert hidden units, ...). Here the pass runs in a
 subprocess with glibc's mmap threshold fixed at 64 KiB, so every large tensor is
 its own mapping and resident memory follows live tensors; the growth of the peak
@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from evotorch_mqa_moe import TransformerConfig
-from evotorch_mqa_moe.model import _bytes_per_individual, default_chunk_size
+from evotorch_mqa_moe.model import bytes_per_individual, default_chunk_size
 
 SCRIPT = r"""
 import json, resource, sys
@@ -84,11 +84,11 @@ def test_estimate_counts_the_attention_scores_of_the_actual_length():
     for seq_len in (16, 128, 512):
         batch = rows // seq_len
         scores = 2 * batch * config.num_heads * seq_len * seq_len * 4  # scores + softmax
-        assert _bytes_per_individual(config, rows, 4, seq_len) > scores
+        assert bytes_per_individual(config, rows, 4, seq_len) > scores
     # same rows, longer sequences: more memory, and a smaller chunk
-    short, long = (_bytes_per_individual(config, rows, 4, t) for t in (16, 512))
+    short, long = (bytes_per_individual(config, rows, 4, t) for t in (16, 512))
     assert long > 4 * short
     assert (default_chunk_size(config, rows, "cpu", memory_budget=64 << 20, seq_len=512)
             < default_chunk_size(config, rows, "cpu", memory_budget=64 << 20, seq_len=16))
     # without seq_len: the worst case for the rows (T = min(rows, max_seq_len))
-    assert _bytes_per_individual(config, rows, 4) == _bytes_per_individual(config, rows, 4, 512)
+    assert bytes_per_individual(config, rows, 4) == bytes_per_individual(config, rows, 4, 512)

@@ -19,10 +19,10 @@ from evotorch_mqa_moe import (
 from evotorch_mqa_moe.model import (
     check_inputs,
     default_chunk_size,
-    gate_weights,
     init_parameters,
     parameter_layout,
 )
+from evotorch_mqa_moe.model.layers import gate_weights
 
 TOL = 1e-5
 
@@ -165,7 +165,7 @@ def test_flat_order_is_parameters_to_vector_order():
 
 
 def test_weights_are_views_not_copies():
-    from evotorch_mqa_moe.model import _weight_views
+    from evotorch_mqa_moe.model.layout import _weight_views
 
     c = small()
     params = population(c, 3)
@@ -285,7 +285,8 @@ def test_population_forward_rejects_bad_input():
 
 
 def test_expert_bias_row_is_a_view_of_the_flat_vector():
-    from evotorch_mqa_moe.model import _stack_bias_row, _weight_views
+    from evotorch_mqa_moe.model.layers import _stack_bias_row
+    from evotorch_mqa_moe.model.layout import _weight_views
 
     c = small()
     views = _weight_views(c, population(c, 3))

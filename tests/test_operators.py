@@ -5,8 +5,8 @@ import torch
 from evotorch import Problem, SolutionBatch
 from evotorch.algorithms import GeneticAlgorithm
 
-from evotorch_mqa_moe.ga import seed_genetic_algorithm
-from evotorch_mqa_moe.operators import GaussianMutation, UniformCrossOver
+from evotorch_mqa_moe.evolution.ga import seed_genetic_algorithm
+from evotorch_mqa_moe.evolution.operators import GaussianMutation, UniformCrossOver
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
 

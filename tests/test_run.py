@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import evotorch_mqa_moe.run as run_module
-from evotorch_mqa_moe.run import RunSettings, check_population_memory, run
+import evotorch_mqa_moe.workflow.run as run_module
 from evotorch_mqa_moe.searchers import get_spec
+from evotorch_mqa_moe.workflow.run import check_population_memory, run
+from evotorch_mqa_moe.workflow.settings import RunSettings
 
 TINY = {"embed_dim": 8, "num_heads": 2, "expert_dim": 8}
 

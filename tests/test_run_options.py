@@ -12,8 +12,8 @@ import threading
 import pandas as pd
 import pytest
 
-from evotorch_mqa_moe.cli import main
-from evotorch_mqa_moe.run import RunSettings
+from evotorch_mqa_moe.workflow.cli import main
+from evotorch_mqa_moe.workflow.settings import RunSettings
 
 TINY_ARGS = ["--model", "embed_dim=8", "--model", "num_heads=2", "--model", "expert_dim=8"]
 

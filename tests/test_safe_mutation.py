@@ -10,17 +10,17 @@ import torch
 from torch.nn.utils import vector_to_parameters
 
 from evotorch_mqa_moe import GaussianMutation, MQAMoETransformer, TransformerConfig
-from evotorch_mqa_moe.model import init_parameters, parameter_layout, population_forward
-from evotorch_mqa_moe.problem import TransformerProblem
-from evotorch_mqa_moe.problems.reverse import ReverseTask
-from evotorch_mqa_moe.safe_mutation import (
+from evotorch_mqa_moe.evolution.safe_mutation import SafeMutationScale
+from evotorch_mqa_moe.evolution.sensitivity import (
     METHODS,
-    SafeMutationScale,
     output_sensitivity,
     sensitivity_inputs,
     sensitivity_to_scale,
 )
-from evotorch_mqa_moe.state import capture, restore
+from evotorch_mqa_moe.model import init_parameters, parameter_layout, population_forward
+from evotorch_mqa_moe.problem import TransformerProblem
+from evotorch_mqa_moe.problems.reverse import ReverseTask
+from evotorch_mqa_moe.searchers.state import capture, restore
 
 TOL = 1e-5
 

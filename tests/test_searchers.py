@@ -201,7 +201,7 @@ def test_adapter_forwards_to_the_algorithm_and_pickles():
 
 def test_register_a_new_searcher(monkeypatch):
     """One spec is all a new searcher needs; it is then buildable and listed."""
-    import evotorch_mqa_moe.searchers as searchers_module
+    import evotorch_mqa_moe.searchers.registry as searchers_module
 
     monkeypatch.setattr(searchers_module, "_REGISTRY", dict(searchers_module._REGISTRY))
     monkeypatch.setattr(searchers_module, "SEARCHERS", searchers_module._REGISTRY)

@@ -9,12 +9,12 @@ import io
 import pytest
 import torch
 
-from evotorch_mqa_moe.backprop import BackpropTrainer
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.problems import make_task
-from evotorch_mqa_moe.run import RunSettings
 from evotorch_mqa_moe.searchers import SEARCHERS, EvoTorchSearcher, make_searcher
-from evotorch_mqa_moe.state import capture, restore
+from evotorch_mqa_moe.searchers.backprop import BackpropTrainer
+from evotorch_mqa_moe.searchers.state import capture, restore
+from evotorch_mqa_moe.workflow.settings import RunSettings
 
 
 def build(name, seed=0):

@@ -14,10 +14,10 @@ import optuna
 import pytest
 import torch
 
-import evotorch_mqa_moe.tune as tune_mod
-from evotorch_mqa_moe.cli import main
+import evotorch_mqa_moe.workflow.tune as tune_mod
 from evotorch_mqa_moe.searchers import get_spec
-from evotorch_mqa_moe.tune import BEST_KEYS, load_config, suggest, tune
+from evotorch_mqa_moe.workflow.cli import main
+from evotorch_mqa_moe.workflow.tune import BEST_KEYS, load_config, suggest, tune
 
 TINY = {"embed_dim": 8, "num_heads": 2, "expert_dim": 8}
 TINY_ARGS = ["--model", "embed_dim=8", "--model", "num_heads=2", "--model", "expert_dim=8"]
@@ -273,7 +273,7 @@ def test_a_fresh_study_starts_with_the_defaults_as_baseline(tmp_path):
 
 def test_no_baseline_when_a_default_is_outside_the_space():
     from evotorch_mqa_moe.searchers import get_spec
-    from evotorch_mqa_moe.tune import baseline_params
+    from evotorch_mqa_moe.workflow.tune import baseline_params
 
     spec = get_spec("ga")
     n = spec.default_popsize

@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from evotorch_mqa_moe._files import atomic_save, atomic_to_csv, atomic_write_text, replacing
-from evotorch_mqa_moe._validate import check_bool, check_choice, check_float, check_int
+from evotorch_mqa_moe._internal.files import (
+    atomic_save,
+    atomic_to_csv,
+    atomic_write_text,
+    replacing,
+)
+from evotorch_mqa_moe._internal.validate import check_bool, check_choice, check_float, check_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,9 +91,9 @@ def _tiny_problem():
                                   "crossover_tournament", "crossover_children",
                                   "tournament_pairs"])
 def test_bool_is_not_an_integer_at_the_former_int_idiom_sites(site):
-    from evotorch_mqa_moe.functional import tournament_pairs
-    from evotorch_mqa_moe.ga import SeedGeneticAlgorithm, seed_genetic_algorithm
-    from evotorch_mqa_moe.operators import GaussianMutation, UniformCrossOver
+    from evotorch_mqa_moe.evolution.ga import SeedGeneticAlgorithm, seed_genetic_algorithm
+    from evotorch_mqa_moe.evolution.operators import GaussianMutation, UniformCrossOver
+    from evotorch_mqa_moe.evolution.selection import tournament_pairs
 
     p = _tiny_problem()
     calls = {
@@ -107,7 +112,7 @@ def test_bool_is_not_an_integer_at_the_former_int_idiom_sites(site):
 
 
 def test_integral_floats_still_accepted_where_they_were():
-    from evotorch_mqa_moe.ga import seed_genetic_algorithm
+    from evotorch_mqa_moe.evolution.ga import seed_genetic_algorithm
 
     ga = seed_genetic_algorithm(_tiny_problem(), popsize=6.0, num_elites=2.0)
     assert ga.num_elites == 2 and type(ga.num_elites) is int
