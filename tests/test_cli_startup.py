@@ -49,7 +49,8 @@ def test_list_table_is_the_live_registries():
     # the table `list` prints without importing them; regenerate it with
     # `python -m evotorch_mqa_moe.workflow.catalog --write` when this fails
     tasks, searchers = _catalog.live()
-    assert _catalog.TASKS == tasks, "tasks changed: python -m evotorch_mqa_moe.workflow.catalog --write"
+    assert _catalog.TASKS == tasks, (
+        "tasks changed: python -m evotorch_mqa_moe.workflow.catalog --write")
     assert _catalog.SEARCHERS == searchers, (
         "searchers changed: python -m evotorch_mqa_moe.workflow.catalog --write")
 

@@ -230,7 +230,8 @@ def test_no_evotorch_private_access_outside_the_compat_module():
     assert len(sources) > 50  # the scan reads the subpackages too
     found = {p.name: hits for p in sources if p.name != "evotorch_compat.py"
              for hits in [private_accesses(p.read_text(), names)] if hits}
-    assert not found, ("EvoTorch internals used outside evotorch_mqa_moe/_internal/evotorch_compat.py "
+    assert not found, ("EvoTorch internals used outside "
+                       "evotorch_mqa_moe/_internal/evotorch_compat.py "
                        f"(add an accessor there, with a test here): {found}")
 
 
