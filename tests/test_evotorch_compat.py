@@ -281,3 +281,16 @@ def test_sync_logger_step_sets_an_evotorch_loggers_step_count():
     seen = []
     compat.sync_logger_step(seen.append, 3)  # other callables: untouched
     assert not hasattr(seen.append, "_steps_count")
+
+
+def test_clipup_velocity_round_trips_and_refuses_a_wrong_shape():
+    a = ClipUp(solution_length=3, dtype=torch.float32, stepsize=0.1)
+    a.ascent(torch.tensor([1.0, 2.0, 2.0]))
+    saved = compat.clipup_velocity(a)
+    b = ClipUp(solution_length=3, dtype=torch.float32, stepsize=0.1)
+    compat.set_clipup_velocity(b, saved)
+    g = torch.tensor([0.5, -1.0, 0.0])
+    assert torch.equal(a.ascent(g), b.ascent(g))
+    with pytest.raises(ValueError, match=r"ClipUp velocity of shape \(2,\) for an optimiser "
+                                         r"of shape \(3,\)"):
+        compat.set_clipup_velocity(b, torch.zeros(2))

@@ -399,3 +399,12 @@ def test_compare_runs_lowrank_es(tmp_path):
                     popsize=8, model={"embed_dim": 8, "num_heads": 2, "expert_dim": 8},
                     dtype="bfloat16")
     assert list(table["searcher"]) == ["lowrank-es"] and int(table["evaluations"][0]) == 16
+
+
+def test_clipup_skips_a_zero_estimate_instead_of_making_the_centre_nan():
+    # every fitness tied: the estimate is 0 and EvoTorch's ClipUp would divide 0 by 0
+    es = make_searcher("lowrank-es", tiny_problem(), popsize=8, optimizer="clipup")
+    before = es.current_solution()
+    es.problem.task.fitness = lambda model, generator: torch.zeros(8)
+    es.step()
+    assert torch.equal(es.current_solution(), before)
