@@ -7,7 +7,8 @@ population pass (:mod:`.population`) call the same functions, the first with its
 parameters, the second with views sliced out of a flat ``(P, N)`` matrix
 (:mod:`.layout`). :mod:`.lowrank` stands a population in as shared weights plus
 low-rank factors; :mod:`.genes` groups genes for group-wise operators;
-:mod:`.memory` sizes the population chunks.
+:mod:`.memory` sizes the population chunks; :mod:`.cache`, :mod:`.decoding` and :mod:`.generate`
+decode text incrementally, for one network or a population.
 
 This package's names below are the interface the layers above (evolution, problem,
 searchers) use; they import nothing from its modules directly.
@@ -15,9 +16,12 @@ searchers) use; they import nothing from its modules directly.
 
 from __future__ import annotations
 
+from .cache import KVCache, LayerCache
 from .config import PRESETS, TransformerConfig, preset, preset_overrides
+from .decoding import check_generation
 from .dtypes import COMPUTE_DTYPES, resolve_dtype
 from .forward import encoder_layer, transformer_forward
+from .generate import cache_nbytes, population_generate
 from .genes import GENE_GROUP_LEVELS, gene_groups
 from .inputs import check_inputs, prepare_inputs
 from .layers import (
@@ -58,4 +62,5 @@ __all__ = [
     "bytes_per_individual", "default_chunk_size",
     "EncoderLayer", "MixtureOfExperts", "MQAMoETransformer", "MultiQueryAttention",
     "PopulationModel", "population_forward",
+    "KVCache", "LayerCache", "cache_nbytes", "check_generation", "population_generate",
 ]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cache import LayerCache
 from .config import TransformerConfig
 
 # ----------------------------------------------------------------------------
@@ -66,14 +67,30 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _score_bias(seq_len: int, group: int, causal: bool, device: torch.device,
-                dtype: torch.dtype) -> Tensor:
-    """Additive attention bias for query rows folded as (T*G): row t*G + g is position t."""
-    bias = torch.zeros(seq_len * group, seq_len, device=device, dtype=dtype)
+                dtype: torch.dtype, offset: int = 0) -> Tensor:
+    """Additive attention bias (T*G, offset + T) for query rows folded as (T*G): row
+    t*G + g is position offset + t, and sees the keys of positions <= offset + t."""
+    bias = torch.zeros(seq_len * group, offset + seq_len, device=device, dtype=dtype)
     if causal:
         t = torch.arange(seq_len, device=device)
-        future = (t[None, :] > t[:, None]).repeat_interleave(group, dim=0)
+        s = torch.arange(offset + seq_len, device=device)
+        future = (s[None, :] > offset + t[:, None]).repeat_interleave(group, dim=0)
         bias.masked_fill_(future, float("-inf"))
     return bias
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, group: int, causal: bool,
+            offset: int) -> Tensor:
+    """softmax(q k^T * scale + mask) v over folded rows: q (.., T*G, d), k (.., L, d),
+    v (.., L, e) with L = offset + T. One new query row per head (decoding, T = 1)
+    sees every cached key, so it needs no mask."""
+    T = q.shape[-2] // group
+    if offset == 0 or T > 1:
+        bias = _score_bias(T, group, causal, q.device, q.dtype, offset)
+        scores = torch.baddbmm(bias, q, k.transpose(-1, -2), alpha=scale)
+    else:
+        scores = torch.bmm(q, k.transpose(-1, -2)).mul_(scale)
+    return torch.bmm(scores.softmax(dim=-1), v)
 
 
 def attention(
@@ -84,6 +101,7 @@ def attention(
     b_out: Tensor,
     config: TransformerConfig,
     batch: int,
+    cache: LayerCache | None = None,
 ) -> Tensor:
     """Multi-query (grouped-query) self-attention on token rows.
 
@@ -92,6 +110,10 @@ def attention(
         w_qkv: fused projection (D, (H + 2K) * hd), with optional leading P.
         b_qkv: ((H + 2K) * hd,), optional leading P.
         w_out, b_out: output projection (H * hd, D) and (D,).
+        cache: for incremental decoding (causal models): the tokens of ``x`` sit at
+            positions ``[cache.offset, cache.offset + T)``; their keys and values are
+            appended to the cache, (*lead, B, K, T, hd), and the queries attend over
+            all cached positions.
     Returns:
         Same shape as ``x``.
 
@@ -109,17 +131,19 @@ def attention(
     q = linear(x, w_qkv[..., : H * hd], b_qkv[..., : H * hd])  # (*lead, M, H*hd)
     kv = linear(x, w_qkv[..., H * hd :], b_qkv[..., H * hd :])  # (*lead, M, 2*K*hd)
     k, v = kv.view(*lead, batch, T, 2, K, hd).unbind(-3)  # (*lead, B, T, K, hd) each
+    k, v = k.transpose(n + 1, n + 2), v.transpose(n + 1, n + 2)  # (*lead, B, K, T, hd)
+    offset = 0
+    if cache is not None:
+        offset = cache.offset
+        k, v = cache.append("k", k), cache.append("v", v)  # (*lead, B, K, offset + T, hd)
+    L = offset + T
     if K == 1:
         q = q.view(-1, T * H, hd)  # (lead*B, T*G, hd), row t*G + g
-        k, v = k.reshape(-1, T, hd), v.reshape(-1, T, hd)  # views: (lead*B, T, hd)
     else:
         # (*lead, B, T, K, G, hd) -> (*lead, B, K, T, G, hd) -> (lead*B*K, T*G, hd)
         q = q.view(*lead, batch, T, K, G, hd).transpose(n + 1, n + 2).reshape(-1, T * G, hd)
-        k = k.transpose(n + 1, n + 2).reshape(-1, T, hd)
-        v = v.transpose(n + 1, n + 2).reshape(-1, T, hd)
-    bias = _score_bias(T, G, config.causal, x.device, x.dtype)
-    scores = torch.baddbmm(bias, q, k.transpose(-1, -2), alpha=hd**-0.5)  # (.., T*G, T)
-    y = torch.bmm(scores.softmax(dim=-1), v)  # (.., T*G, hd)
+    k, v = k.reshape(-1, L, hd), v.reshape(-1, L, hd)  # views for K = 1 and for a cache
+    y = _attend(q, k, v, hd**-0.5, G, config.causal, offset)  # (.., T*G, hd)
     if K == 1:
         y = y.view(*lead, batch * T, H * hd)
     else:
@@ -166,6 +190,7 @@ def gate_logits(
     batch: int | None = None,
     w_gate_qk: Tensor | None = None,
     b_gate_qk: Tensor | None = None,
+    cache: LayerCache | None = None,
 ) -> Tensor:
     """Gate logits (*lead, M, E) of token rows x (*lead, M, D), M = batch * T.
 
@@ -174,7 +199,8 @@ def gate_logits(
     token's sequence, ``v + softmax(q k^T / sqrt(hd)) v`` with ``q, k`` from
     ``x @ w_gate_qk + b_gate_qk`` ((D, 2 hd), (2 hd,): query columns first), one
     head, causal when ``config.causal``: routing then depends on context.
-    ``batch`` (B) is needed for attention gating only.
+    ``batch`` (B) is needed for attention gating only. ``cache``: as for
+    :func:`attention`; the gate's keys and linear logits of past tokens are cached.
     """
     logits = linear(x, w_gate, b_gate)  # (*lead, M, E)
     if config.gating == "linear":
@@ -184,9 +210,11 @@ def gate_logits(
     lead, M, E = x.shape[:-2], x.shape[-2], logits.shape[-1]
     T, dg = M // batch, w_gate_qk.shape[-1] // 2
     q, k = linear(x, w_gate_qk, b_gate_qk).view(-1, T, 2, dg).unbind(-2)  # (lead*B, T, dg)
-    bias = _score_bias(T, 1, config.causal, x.device, x.dtype)  # (T, T)
-    scores = torch.baddbmm(bias, q, k.transpose(-1, -2), alpha=dg**-0.5)  # (lead*B, T, T)
-    context = torch.bmm(scores.softmax(dim=-1), logits.reshape(-1, T, E))  # (lead*B, T, E)
+    values, offset = logits.reshape(-1, T, E), 0
+    if cache is not None:
+        offset = cache.offset
+        k, values = cache.append("gate_k", k), cache.append("gate_v", values)
+    context = _attend(q, k, values, dg**-0.5, 1, config.causal, offset)  # (lead*B, T, E)
     return logits + context.view(*lead, M, E)
 
 
@@ -198,11 +226,12 @@ def moe_gates(
     batch: int | None = None,
     w_gate_qk: Tensor | None = None,
     b_gate_qk: Tensor | None = None,
+    cache: LayerCache | None = None,
 ) -> Tensor:
     """Expert weights (*lead, M, E) of token rows (*lead, M, D): :func:`gate_logits`, then
     the dense softmax or the top-k softmax (:func:`gate_weights`). Rows sum to 1."""
-    return gate_weights(gate_logits(x, w_gate, b_gate, config, batch, w_gate_qk, b_gate_qk),
-                        config.top_k)
+    return gate_weights(gate_logits(x, w_gate, b_gate, config, batch, w_gate_qk, b_gate_qk,
+                                    cache), config.top_k)
 
 
 def mixture_of_experts(
@@ -217,6 +246,7 @@ def mixture_of_experts(
     batch: int | None = None,
     w_gate_qk: Tensor | None = None,
     b_gate_qk: Tensor | None = None,
+    cache: LayerCache | None = None,
 ) -> Tensor:
     """Gated mixture of expert MLPs on token rows.
 
@@ -225,7 +255,7 @@ def mixture_of_experts(
         w_gate, b_gate: (D, E), (E,).
         batch, w_gate_qk, b_gate_qk: B and the gate's query/key projection
             (D, 2 hd), (2 hd,), for ``config.gating == "attention"`` only
-            (see :func:`gate_logits`).
+            (see :func:`gate_logits`); ``cache`` for its context in incremental decoding.
         w_in, b_in: (D, E, F), (E, F): input dim first, so all experts'
             first layers run as one (M, D) x (D, E*F) GEMM.
         w_out, b_out: (E, F, D), (E, D): the second layers, run as one
@@ -240,7 +270,7 @@ def mixture_of_experts(
     E, Fd, D = config.num_experts, config.expert_dim, config.embed_dim
     lead = x.shape[:-2]
     M = x.shape[-2]
-    gates = moe_gates(x, w_gate, b_gate, config, batch, w_gate_qk, b_gate_qk)  # (*lead, M, E)
+    gates = moe_gates(x, w_gate, b_gate, config, batch, w_gate_qk, b_gate_qk, cache)
     if _structured(w_in):  # its own GEMM over the (D, E*F) matrix view
         hidden = linear(x, w_in, b_in.flatten(-2))  # (*lead, M, E*F)
     else:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TransformerConfig
+from .decoding import check_generation, decode, draw_uniforms
 from .forward import encoder_layer, transformer_forward
 from .inputs import _as_index, check_inputs
 from .layers import attention, mixture_of_experts, moe_gates
@@ -222,3 +223,33 @@ class MQAMoETransformer(_Initialised):
         transformer_forward(self.config, dict(self.named_parameters()), inputs, gates=gates)
         B, T = inputs.shape[:2]
         return torch.stack(gates).view(self.config.num_layers, B, T, -1)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, greedy: bool = False,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Continue ``prompt`` by ``max_new_tokens`` tokens, with a key/value cache.
+
+        Args:
+            prompt: token ids (T0,) or a batch of prompts (B, T0) of equal length.
+            temperature: sample from softmax(logits / temperature) (> 0).
+            top_k: sample among the k most likely tokens only.
+            greedy: take the most likely token (temperature and top_k then do nothing).
+            generator: the random numbers of sampling (one uniform per prompt and
+                step, drawn up front): the same generator state gives the same text.
+        Returns:
+            The prompt followed by the new tokens: (T0 + n,) or (B, T0 + n).
+        Causal token models with per-token next-token outputs only; a clear error
+        otherwise, and when ``T0 + max_new_tokens > max_seq_len``.
+        """
+        single = isinstance(prompt, Tensor) and prompt.dim() == 1
+        prompts = prompt.unsqueeze(0) if single else prompt
+        n = check_generation(self.config, prompts, max_new_tokens, temperature=temperature,
+                             top_k=top_k, greedy=greedy)
+        weights = dict(self.named_parameters())
+        uniforms = None
+        if not greedy:
+            uniforms = draw_uniforms((n, prompts.shape[0]), generator, prompts.device)
+        tokens, _ = decode(self.config, weights, prompts, n, uniforms=uniforms,
+                           temperature=temperature, top_k=top_k)
+        return tokens[0] if single else tokens
