@@ -1,10 +1,17 @@
-"""Real text with no download: Python source code of pure-Python standard-library modules.
+"""Real text with no download, from the running interpreter's standard library.
 
-The corpus is read at run time from the running interpreter's standard library
-(``importlib``'s loader ``get_source``, which also works for a zipped stdlib), so
-it is available on every Python install but **depends on the Python version**:
-metrics are comparable only between runs on the same Python. Training and test
-text come from disjoint module lists.
+Two corpora, both read at run time, so available on every Python install but
+**dependent on the Python version** (metrics compare only between runs on the same
+Python):
+
+* ``"code"``: Python source code of pure-Python standard-library modules
+  (``importlib``'s loader ``get_source``, which also works for a zipped stdlib);
+  training and test text come from disjoint module lists.
+* ``"prose"``: English prose, the help topics of Python's documentation
+  (``pydoc_data.topics``, the text ``help("with")`` prints; about 465k characters
+  on Python 3.11). The topics are sorted by name and every tenth one, from the
+  fifth, is held out for testing (:data:`PROSE_TEST_EVERY`). Typographic quotes
+  and dashes become their ASCII forms.
 """
 
 from __future__ import annotations
@@ -15,13 +22,21 @@ import importlib.util
 import torch
 from torch import Tensor
 
-__all__ = ["TRAIN_MODULES", "TEST_MODULES", "CHARS", "UNKNOWN", "encode", "decode", "load_split"]
+__all__ = ["TRAIN_MODULES", "TEST_MODULES", "PROSE_TEST_EVERY", "CORPORA", "CHARS", "UNKNOWN",
+           "encode", "decode", "load_split", "prose_topics"]
 
 TRAIN_MODULES = (
     "argparse", "calendar", "contextlib", "copy", "csv", "dataclasses", "difflib", "enum",
     "fractions", "functools", "heapq", "pprint", "shlex", "statistics", "string",
 )
 TEST_MODULES = ("textwrap", "bisect", "fnmatch", "glob", "queue")
+PROSE_TEST_EVERY = (10, 5)
+"""Prose test topics: sorted topic names at indices ``5, 15, 25, ...``."""
+CORPORA = ("code", "prose")
+
+# Typographic punctuation of the prose -> ASCII, so it is not lost as "unknown".
+_ASCII = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
+                        "\u2013": "-", "\u2014": "--", "\u2026": "...", "\u00a0": " "})
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 """The character vocabulary after the unknown id 0: newline and printable ASCII (97 ids)."""
@@ -54,8 +69,28 @@ def module_source(name: str) -> str:
     return source
 
 
-@functools.lru_cache(maxsize=2)
-def load_split(split: str) -> Tensor:
-    """The ``"train"`` or ``"test"`` text, encoded (modules joined by blank lines)."""
+def prose_topics(split: str) -> list[str]:
+    """The names of the documentation topics in the ``"train"`` or ``"test"`` prose."""
+    from pydoc_data.topics import topics  # the standard library's help texts
+
+    every, first = PROSE_TEST_EVERY
+    names = sorted(topics)
+    held_out = set(names[first::every])
+    return [name for name in names if (name in held_out) == (split == "test")]
+
+
+@functools.lru_cache(maxsize=4)
+def load_split(split: str, corpus: str = "code") -> Tensor:
+    """The ``"train"`` or ``"test"`` text of ``corpus``, encoded (modules or topics
+    joined by blank lines)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if corpus == "prose":
+        from pydoc_data.topics import topics
+
+        return encode("\n\n".join(topics[name].strip().translate(_ASCII)
+                                   for name in prose_topics(split)))
+    if corpus != "code":
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     modules = {"train": TRAIN_MODULES, "test": TEST_MODULES}[split]
     return encode("\n\n".join(module_source(name) for name in modules))

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from loguru import logger
 
-from evotorch_mqa_moe.model import MQAMoETransformer, TransformerConfig
+from evotorch_mqa_moe.model import TransformerConfig
 
+from .model_file import load_model  # noqa: F401 - re-exported: its home before model_file
 from .settings import RunSettings, _flat_resolved, resolved_settings
 
 CHECKPOINT_VERSION = 2  # 2: searcher state is the protocol's state_dict()
@@ -130,11 +131,3 @@ def _check_finite(path: Path, searcher: Any) -> None:
             and not bool(torch.isfinite(values).all())):
         raise ValueError(f"{path} holds a population with NaN/inf values; refusing to "
                          "resume from it")
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> MQAMoETransformer:
-    """Load ``best_model.pt`` (safely: ``weights_only=True``) as a network."""
-    blob = torch.load(path, map_location=device, weights_only=True)
-    model = MQAMoETransformer(TransformerConfig(**blob["config"]), device=device)
-    model.load_state_dict(blob["state_dict"])
-    return model

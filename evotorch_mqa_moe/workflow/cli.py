@@ -1,4 +1,4 @@
-"""The command line: ``evotorch-mqa-moe list | run | compare | tune``.
+"""The command line: ``evotorch-mqa-moe list | run | compare | tune | sample``.
 
 Also reachable as ``python -m evotorch_mqa_moe``. ``run`` and ``compare`` take
 ``--config FILE`` (the ``best.json`` that ``tune`` writes): its settings apply
@@ -174,6 +174,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=10,
                    help="generations between held-out evaluations inside a run")
     t.add_argument("--quiet", action="store_true", help="warnings and errors only")
+
+    s = sub.add_parser("sample", help="text from the model of a finished language run")
+    s.add_argument("run_dir", type=Path, help="the run's folder (OUT of `run`)")
+    s.add_argument("--prompt", default=None,
+                   help="text to continue (markov: space-separated token numbers; "
+                        "default: a newline, or token 0)")
+    s.add_argument("--tokens", type=int, default=200, help="new tokens to write")
+    s.add_argument("--temperature", type=float, default=0.8,
+                   help="sample from softmax(logits / T); lower is more conservative")
+    s.add_argument("--top-k", type=int, default=None,
+                   help="sample among the K most likely tokens only (default: all)")
+    s.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    s.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     for parser in (ap, *sub.choices.values()):
         parser.formatter_class = _HelpFormatter
     return ap
@@ -206,6 +220,20 @@ def _list() -> None:
     from .catalog import render  # plain data: `list` loads neither torch nor EvoTorch
 
     sys.stdout.write(render())
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .sample import sample_run
+
+    try:
+        text = sample_run(args.run_dir, prompt=args.prompt, tokens=args.tokens,
+                          temperature=args.temperature, top_k=args.top_k, greedy=args.greedy,
+                          seed=args.seed, device=args.device)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"evotorch-mqa-moe: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
 
 
 def _validate_common(args: argparse.Namespace) -> None:
@@ -383,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         _list()
         return 0
+    if args.command == "sample":  # needs torch, not EvoTorch
+        return _sample(args)
     # `--help` and `list` end above: torch and EvoTorch load only for real work
     if getattr(args, "logger", None):
         from .loggers import check_loggers
