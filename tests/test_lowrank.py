@@ -322,7 +322,7 @@ def test_bf16_pass_is_close_to_float32_and_fitness_stays_float32(device):
     es.step()
     assert es.center.dtype == torch.float32 and math.isfinite(es.status["mean_eval"])
     noise, pop = es.sample()
-    assert pop.compute_dtype == torch.bfloat16 and noise.vectors.dtype == torch.float32
+    assert pop.compute_dtype == torch.bfloat16 and noise.dtype == torch.float32
 
 
 def test_dense_problem_runs_bf16_forward_with_float32_fitness(device):

@@ -36,7 +36,7 @@ builds the dense (P, N) population that the same pass evaluates identically
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,23 +236,49 @@ class LowRankPopulation:
             dtype); ``torch.float32`` keeps fitness in float32 under a bf16 pass.
         chunk_size, memory_budget: as for :func:`~evotorch_mqa_moe.model.population_forward`.
         mode: how the matrices multiply, one of :data:`MODES` (same result).
+        source: instead of ``factors`` and ``vectors`` (pass ``None`` for both): a
+            callable ``source(start, stop) -> (factors, vectors)`` giving individuals
+            ``start:stop`` on demand (regenerated noise: nothing per individual is
+            stored), with ``popsize``.
     """
 
     def __init__(self, config: TransformerConfig, shared: Tensor,
-                 factors: Mapping[str, tuple[Tensor, Tensor]], vectors: Tensor, scale: float, *,
-                 output_dtype: torch.dtype | None = None, chunk_size: int | None = None,
-                 memory_budget: int | None = None, mode: str = "auto"):
+                 factors: Mapping[str, tuple[Tensor, Tensor]] | None, vectors: Tensor | None,
+                 scale: float, *, output_dtype: torch.dtype | None = None,
+                 chunk_size: int | None = None, memory_budget: int | None = None,
+                 mode: str = "auto",
+                 source: Callable[[int, int], tuple[Mapping[str, tuple[Tensor, Tensor]],
+                                                    Tensor]] | None = None,
+                 popsize: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.config = config
         self.layout = lowrank_layout(config)
-        n = num_vector_genes(self.layout)
         N = self.layout[-1].offset + self.layout[-1].size
         if shared.dim() != 1 or shared.shape[0] != N:
             raise ValueError(f"shared must be (N,) = ({N},), got {tuple(shared.shape)}")
-        if vectors.dim() != 2 or vectors.shape[1] != n:
-            raise ValueError(f"vectors must be (P, {n}), got {tuple(vectors.shape)}")
+        if source is not None:
+            if factors is not None or vectors is not None or not popsize or popsize < 1:
+                raise ValueError("a source replaces factors and vectors (pass None) and needs "
+                                 f"popsize >= 1, got popsize={popsize!r}")
+            self._popsize = int(popsize)
+        else:
+            self._check_factors(factors, vectors)
+            self._popsize = vectors.shape[0]
+        self.source = source
+        self.shared = shared
+        self.factors = None if factors is None else dict(factors)
+        self.vectors = vectors
+        self.scale = float(scale)
+        self.output_dtype = output_dtype or shared.dtype
+        self.chunk_size, self.memory_budget = chunk_size, memory_budget
+
+    def _check_factors(self, factors, vectors) -> None:
+        n = num_vector_genes(self.layout)
+        if vectors is None or vectors.dim() != 2 or vectors.shape[1] != n:
+            shape = None if vectors is None else tuple(vectors.shape)
+            raise ValueError(f"vectors must be (P, {n}), got {shape}")
         P = vectors.shape[0]
         for block in self.layout:
             if not block.lowrank:
@@ -262,14 +288,10 @@ class LowRankPopulation:
                 raise ValueError(f"factors of {block.name} must be ({P}, {block.rows}, r) and "
                                  f"({P}, {block.cols}, r), got {tuple(a.shape)} and "
                                  f"{tuple(b.shape)}")
-        self.shared, self.factors, self.vectors = shared, dict(factors), vectors
-        self.scale = float(scale)
-        self.output_dtype = output_dtype or shared.dtype
-        self.chunk_size, self.memory_budget = chunk_size, memory_budget
 
     @property
     def popsize(self) -> int:
-        return self.vectors.shape[0]
+        return self._popsize
 
     @property
     def device(self) -> torch.device:
@@ -288,15 +310,19 @@ class LowRankPopulation:
         """``name -> LowRankWeight`` (matrices) or (p, *shape) view (vectors), individuals
         ``start:stop``: what :func:`~evotorch_mqa_moe.model.transformer_forward` takes."""
         stop = self.popsize if stop is None else stop
+        if self.source is not None:  # individuals start:stop only, made now
+            factors, vectors = self.source(start, stop)
+            window = slice(None)
+        else:
+            factors, vectors, window = self.factors, self.vectors, slice(start, stop)
         out: dict[str, Any] = {}
         for b in self.layout:
             if b.lowrank:
-                a, f = self.factors[b.name]
+                a, f = factors[b.name]
                 w = self.shared[b.offset : b.offset + b.size].view(b.rows, b.cols)
-                out[b.name] = LowRankWeight(w, a[start:stop], f[start:stop], self.scale,
-                                            self.mode)
+                out[b.name] = LowRankWeight(w, a[window], f[window], self.scale, self.mode)
             else:
-                block = self.vectors[start:stop, b.vector_offset : b.vector_offset + b.size]
+                block = vectors[window, b.vector_offset : b.vector_offset + b.size]
                 out[b.name] = block.view(stop - start, *b.shape)
         return out
 
@@ -310,7 +336,10 @@ class LowRankPopulation:
         return out
 
     def nbytes(self) -> int:
-        """Bytes of the per-individual state (factors and vectors; not the shared weights)."""
+        """Bytes of the per-individual state (factors and vectors; not the shared weights):
+        0 for a ``source``, which regenerates them."""
+        if self.source is not None:
+            return 0
         factors = sum(t.numel() * t.element_size() for ab in self.factors.values() for t in ab)
         return factors + self.vectors.numel() * self.vectors.element_size()
 

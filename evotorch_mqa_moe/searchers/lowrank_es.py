@@ -23,94 +23,11 @@ from evotorch_mqa_moe._internal.evotorch_compat import clipup_velocity, set_clip
 from evotorch_mqa_moe._internal.validate import check_float, check_int
 from evotorch_mqa_moe.model import (
     LowRankPopulation,
-    TransformerConfig,
     check_rank,
-    lowrank_layout,
-    num_vector_genes,
 )
 
+from .lowrank_noise import LowRankNoise, SeededLowRankNoise
 from .registry import SearcherSpec, register
-
-
-# ----------------------------------------------------------------------------- sampling
-class LowRankNoise:
-    """Unit-variance search directions of P/2 antithetic pairs, stored as factors.
-
-    Direction ``k`` is, for every matrix, ``A_k B_k^T / sqrt(r)`` (A, B standard normal:
-    every entry has variance 1) and, for the vectors, ``e_k`` (standard normal).
-    Individual ``2k`` is the centre plus ``sigma`` times direction ``k``, individual
-    ``2k + 1`` minus it.
-
-    Attributes:
-        config, rank, pairs; ``a``/``b``: ``{name: (pairs, R, r) / (pairs, C, r)}``;
-        ``vectors``: (pairs, n). Float32 (or float64), whatever the compute dtype.
-    """
-
-    def __init__(self, config: TransformerConfig, pairs: int, rank: int, *,
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
-        self.config, self.rank, self.pairs = config, check_rank(config, rank), pairs
-        self.layout = lowrank_layout(config)
-        n = num_vector_genes(self.layout)
-        sizes = [pairs * n] + [pairs * rank * (b.rows + b.cols) for b in self.layout if b.lowrank]
-        rng_device = generator.device if generator is not None else torch.device("cpu")
-        flat = torch.randn(sum(sizes), generator=generator, device=rng_device, dtype=dtype)
-        flat = flat.to(device if device is not None else rng_device)  # one draw, one copy
-        self.vectors = flat[: sizes[0]].view(pairs, n)
-        self.a: dict[str, Tensor] = {}
-        self.b: dict[str, Tensor] = {}
-        offset = sizes[0]
-        for block in self.layout:
-            if block.lowrank:
-                na, nb = pairs * block.rows * rank, pairs * block.cols * rank
-                self.a[block.name] = flat[offset : offset + na].view(pairs, block.rows, rank)
-                self.b[block.name] = flat[offset + na : offset + na + nb].view(pairs, block.cols,
-                                                                               rank)
-                offset += na + nb
-
-    def population(self, center: Tensor, sigma: float, *, dtype: torch.dtype | None = None,
-                   **kwargs: Any) -> LowRankPopulation:
-        """The 2 * pairs antithetic individuals around ``center`` (N,), in ``dtype``
-        (default ``center``'s); ``kwargs`` go to :class:`LowRankPopulation`."""
-        dtype = dtype or center.dtype
-        shared = center.to(dtype)
-        factors = {}
-        for name, a in self.a.items():
-            a = a.to(dtype)
-            signed = torch.stack([a, -a], dim=1).flatten(0, 1)  # (2 pairs, R, r): +, -
-            factors[name] = (signed, self.b[name].to(dtype).repeat_interleave(2, dim=0))
-        base = torch.cat([center[b.offset : b.offset + b.size] for b in self.layout
-                          if not b.lowrank])
-        step = self.vectors * sigma
-        vectors = torch.stack([base + step, base - step], dim=1).flatten(0, 1).to(dtype)
-        return LowRankPopulation(self.config, shared, factors, vectors,
-                                 sigma / math.sqrt(self.rank), **kwargs)
-
-    def gradient(self, utilities: Tensor, sigma: float) -> Tensor:
-        """The ES estimate ``1 / (P sigma) * sum_i u_i d_i`` (N,) from the factors.
-
-        ``utilities`` (P,) of the 2 * pairs individuals (``d_{2k+1} = -d_{2k}``, so
-        only the pair differences ``u_{2k} - u_{2k+1}`` enter); one
-        (R, pairs * r) x (pairs * r, C) GEMM per matrix. In the noise's dtype.
-        """
-        P = 2 * self.pairs
-        if utilities.shape != (P,):
-            raise ValueError(f"utilities must be ({P},), got {tuple(utilities.shape)}")
-        diff = (utilities[0::2] - utilities[1::2]).to(self.vectors.dtype)  # (pairs,)
-        total = self.layout[-1].offset + self.layout[-1].size
-        grad = self.vectors.new_empty(total)
-        vector_grad = diff @ self.vectors / (P * sigma)  # (n,)
-        coef = 1.0 / (P * sigma * math.sqrt(self.rank))
-        for block in self.layout:
-            if block.lowrank:
-                a, b = self.a[block.name], self.b[block.name]  # (pairs, R, r), (pairs, C, r)
-                left = (a * diff[:, None, None]).permute(1, 0, 2).reshape(block.rows, -1)
-                right = b.permute(0, 2, 1).reshape(-1, block.cols)  # (pairs * r, C)
-                value = torch.mm(left, right).mul_(coef)
-            else:
-                value = vector_grad[block.vector_offset : block.vector_offset + block.size]
-            grad[block.offset : block.offset + block.size] = value.reshape(-1)
-        return grad
 
 
 def centered_ranks(fitness: Tensor) -> Tensor:
@@ -189,6 +106,7 @@ class _ClipUpAscent:
 
 
 OPTIMIZERS = ("adam", "clipup")
+NOISES = ("seeded", "stored")
 
 
 # ----------------------------------------------------------------------------- the searcher
@@ -213,6 +131,11 @@ class LowRankES:
         lr: the optimiser's learning rate (ClipUp: its step length).
         max_speed: ClipUp's velocity limit (default 2 * lr).
         momentum: ClipUp's momentum (Adam's beta1 stays 0.9).
+        noise: ``"seeded"``: each generation's directions are regenerated, chunk by
+            chunk, from one seed drawn from the problem's generator, in the forward
+            pass and again in the update (:class:`SeededLowRankNoise`: nothing stored
+            per individual); ``"stored"``: drawn once and kept as factors
+            (:class:`LowRankNoise`, P x (r (R + C) + n) numbers).
     Raises:
         ValueError: naming a bad option and its value.
     """
@@ -221,7 +144,10 @@ class LowRankES:
 
     def __init__(self, problem: Any, *, popsize: int, sigma: float, rank: int = 1,
                  optimizer: str = "adam", lr: float = 0.01, max_speed: float | None = None,
-                 momentum: float = 0.9):
+                 momentum: float = 0.9, noise: str = "seeded"):
+        if noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+        self.noise = noise
         if check_int("popsize", popsize, 2) % 2:
             raise ValueError(f"popsize of lowrank-es must be an even integer >= 2 (antithetic "
                              f"pairs), got {popsize!r}")
@@ -244,10 +170,16 @@ class LowRankES:
         self._pop_best = math.nan
         self._mean = math.nan
 
-    def sample(self) -> tuple[LowRankNoise, LowRankPopulation]:
+    def sample(self) -> tuple[LowRankNoise | SeededLowRankNoise, LowRankPopulation]:
         """The next generation's directions and population (draws from the problem's generator)."""
-        noise = LowRankNoise(self.problem.config, self.popsize // 2, self.rank,
-                             generator=self.problem.generator, device=self.center.device)
+        config, pairs, generator = self.problem.config, self.popsize // 2, self.problem.generator
+        if self.noise == "seeded":
+            seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+            noise = SeededLowRankNoise(config, pairs, self.rank, int(seed.item()),
+                                       device=self.center.device)
+        else:
+            noise = LowRankNoise(config, pairs, self.rank, generator=generator,
+                                 device=self.center.device)
         population = noise.population(self.center, self.sigma, dtype=self.compute_dtype,
                                       output_dtype=torch.float32,
                                       chunk_size=self.problem.chunk_size,
@@ -326,11 +258,12 @@ class LowRankES:
 
 def build_lowrank_es(problem: Any, *, popsize: int, stdev: float, sigma: float | None = None,
                      rank: int = 1, optimizer: str = "adam", lr: float = 0.01,
-                     max_speed: float | None = None, momentum: float = 0.9) -> LowRankES:
+                     max_speed: float | None = None, momentum: float = 0.9,
+                     noise: str = "seeded") -> LowRankES:
     """The registry's builder: ``sigma`` defaults to ``stdev`` (``--stdev``)."""
     return LowRankES(problem, popsize=popsize, sigma=stdev if sigma is None else sigma,
                      rank=rank, optimizer=optimizer, lr=lr, max_speed=max_speed,
-                     momentum=momentum)
+                     momentum=momentum, noise=noise)
 
 
 SEARCH_SPACE: dict[str, tuple] = {
