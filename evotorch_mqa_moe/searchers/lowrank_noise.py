@@ -6,9 +6,9 @@ Regenerated noise: pair ``k`` of a generation with seed ``s`` is the flat draw
 ``randn(size)`` of a ``torch.Generator`` seeded with ``derive_key(s, k)`` (a hash of the
 two, :mod:`evotorch_mqa_moe.evolution.counter_rng`): any pair, in any chunk, comes
 out the same, and the forward pass and the update each rebuild the chunk they need.
-Why a seeded generator per pair rather than a hash per number: on this 2-core CPU
-the vectorised PCG-hash Box-Muller costs ~57 ns per normal in eager torch, a seeded
-``torch.randn`` per pair ~3.4 ns (seeding included, 5,696 numbers per pair, config A).
+Why a seeded generator per pair rather than a hash per number: in eager torch on a
+2-core CPU the vectorised PCG-hash + Box-Muller cost ~35x a plain ``torch.randn`` per
+number, a reseeded ``randn`` per pair ~1.6x (``bench/noise.py``).
 """
 
 from __future__ import annotations
