@@ -23,6 +23,7 @@ TASKS: tuple[tuple[str, int, str], ...] = (
     ('language', 3734, 'neg_bits_per_char'),
     ('multitask', 6736, 'exact_accuracy'),
     ('cartpole', 3300, 'mean_return'),
+    ('g2p', 93292, 'neg_word_error_rate'),
 )
 SEARCHERS: tuple[tuple[str, int, bool, str], ...] = (
     ('ga', 50, False, 'our GA: truncation selection, uniform cross-over, probabilistic Gaussian mutation, re-scored elites'),  # noqa: E501

@@ -410,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         describe = getattr(exc, "describe", None)  # run.RunInterrupted knows what was saved
         print(f"evotorch-mqa-moe: {describe() if describe else 'interrupted'}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError,
+            ModuleNotFoundError) as exc:  # ModuleNotFoundError: a missing extra (g2p)
         print(f"evotorch-mqa-moe: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a failed write (full disk, ...): one line, no traceback
