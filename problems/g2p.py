@@ -93,8 +93,8 @@ class G2PTask(SupervisedTask):
     rewards of ``reinforce`` (which samples each slot from its softmax instead of
     taking the argmax and decodes the sample the same way). Words of up to
     ``max_word_len`` letters are kept; pronunciations longer than ``T`` are dropped
-    (with the default 12 letters, 50 of 121,751 words lose every pronunciation and
-    are left out).
+    (with the default 12 letters, 1 of 121,751 words loses every pronunciation and
+    is left out).
 
     Targets ``(B, R, T)``: up to ``R`` reference pronunciations per word (the
     dictionary's order; ``R`` = the most any kept word has), each its phoneme ids then
