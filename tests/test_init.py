@@ -177,3 +177,12 @@ def test_gradient_searchers_refuse_metric_fitness(name):
 def test_metric_fitness_option_is_checked():
     with pytest.raises(ValueError, match="fitness"):
         make_task("sort", fitness="accuracy")
+
+
+def test_compare_refuses_metric_fitness_for_gradient_searchers_before_any_run(tmp_path):
+    from evotorch_mqa_moe.workflow.compare import compare
+
+    with pytest.raises(ValueError, match="adam follows the gradient"):
+        compare("reverse", ["pgpe", "adam"], seeds=1, max_evals=8, out=tmp_path,
+                task_options={"fitness": "metric"}, model=dict(TINY))
+    assert not (tmp_path / "pgpe").exists()

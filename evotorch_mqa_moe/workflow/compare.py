@@ -57,7 +57,7 @@ from loguru import logger
 
 from evotorch_mqa_moe._internal.files import atomic_to_csv, atomic_write_text
 from evotorch_mqa_moe._internal.validate import check_float, check_int
-from evotorch_mqa_moe.searchers import get_spec, supports_gradients
+from evotorch_mqa_moe.searchers import check_loss_fitness, get_spec, supports_gradients
 
 from .loggers import check_loggers, open_loggers
 from .run import run
@@ -147,6 +147,8 @@ def _validate(task_name: str, searchers: Sequence[str], seeds: int, max_evals: i
             raise ValueError(f"{spec.name} needs a supervised task (sample + loss) for its "
                              f"gradients; {task_name!r} is not one: leave {spec.name} out of "
                              "the searchers")
+        if spec.needs_gradient:
+            check_loss_fitness(spec.name, task)  # fitness="metric": before any run starts
     return task
 
 
