@@ -186,3 +186,18 @@ def test_compare_refuses_metric_fitness_for_gradient_searchers_before_any_run(tm
         compare("reverse", ["pgpe", "adam"], seeds=1, max_evals=8, out=tmp_path,
                 task_options={"fitness": "metric"}, model=dict(TINY))
     assert not (tmp_path / "pgpe").exists()
+
+
+def test_tune_runs_start_from_init(trained, tmp_path):
+    from evotorch_mqa_moe.workflow.tune import tune
+
+    init = str(trained / "best_model.pt")
+    tune("reverse", "pgpe", trials=1, budget_evals=16, out=tmp_path, model=dict(TINY),
+         threads=1, init=init, space={"popsize": ("int", 6, 8, 2)})
+    found = list(tmp_path.rglob("results.json"))
+    assert found
+    blob = torch.load(trained / "best_model.pt", weights_only=True)
+    for path in found:
+        results = json.loads(path.read_text())
+        assert results["settings"]["init"] == init
+        assert results["init_metrics"] == pytest.approx(blob["metrics"])
