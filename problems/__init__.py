@@ -28,6 +28,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "language": (".language", "LanguageTask"),
     "multitask": (".multitask", "MultitaskTask"),
     "cartpole": (".cartpole", "CartPoleTask"),
+    "g2p": (".g2p", "G2PTask"),
 }
 
 

@@ -20,11 +20,11 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
-from evotorch_mqa_moe._internal.validate import check_int
+from evotorch_mqa_moe._internal.validate import check_choice, check_int
 from evotorch_mqa_moe.model import TransformerConfig
 from evotorch_mqa_moe.problem import SupervisedTask
 
-from ._scoring import accuracies, masked_cross_entropy
+from ._scoring import IGNORE, accuracies, masked_cross_entropy
 
 __all__ = ["SyntheticTask", "TokenMapTask", "test_generator"]
 
@@ -44,6 +44,13 @@ class SyntheticTask(SupervisedTask):
     Subclasses implement :meth:`make_batch` and :meth:`default_config`; they may
     override :meth:`build_test_set` and :meth:`score`.
 
+    ``fitness="metric"`` (subclasses that pass it on: ``reverse``, ``sort``,
+    ``addition``) makes the fitness the exact-match rate of the argmax outputs on the
+    training batch (the held-out ``exact_accuracy`` computed on the batch) instead of
+    ``-loss``: a sequence-level objective without a gradient, for the gradient-free
+    searchers (the gradient searchers refuse it). :meth:`rewards` scores sampled
+    outputs the same way, one 0/1 reward per example (``reinforce``).
+
     Attributes:
         batch_size: examples per fitness evaluation.
         test_size: examples in the held-out test set.
@@ -52,10 +59,12 @@ class SyntheticTask(SupervisedTask):
 
     target_metric = "exact_accuracy"
 
-    def __init__(self, *, batch_size: int = 64, test_size: int = 1024, seed: int = 0):
+    def __init__(self, *, batch_size: int = 64, test_size: int = 1024, seed: int = 0,
+                 fitness: str = "loss"):
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.test_size = check_int("test_size", test_size, 1)
         self.seed = check_int("seed", seed, 0)
+        self.fitness_mode = check_choice("fitness", fitness, ("loss", "metric"))
         self._test: tuple[Tensor, Tensor] | None = None
 
     @abstractmethod
@@ -87,6 +96,31 @@ class SyntheticTask(SupervisedTask):
         """``token_accuracy`` and ``exact_accuracy``, each (P,)."""
         return accuracies(outputs, targets)
 
+    def fitness(self, model, generator: torch.Generator) -> Tensor:
+        """(P,) ``-loss`` (``fitness="loss"``) or :meth:`metric_fitness` (``"metric"``) of
+        one training batch."""
+        if self.fitness_mode == "loss":
+            return super().fitness(model, generator)
+        inputs, targets = self.sample(self.batch_size, generator)
+        with torch.no_grad():
+            outputs = model(inputs.to(model.device))
+            return self.metric_fitness(outputs, targets.to(model.device))
+
+    def metric_fitness(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """(P,) the exact-match rate of the argmax of logits (P, B, ..., V)."""
+        return self.rewards(outputs.argmax(dim=-1), targets).mean(dim=1)
+
+    def rewards(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        """(S, B) float: 1 where output tokens (S, B, ...) get every scored target right."""
+        B = targets.shape[0]
+        scored = (targets != IGNORE).reshape(1, B, -1)
+        hit = tokens.reshape(tokens.shape[0], B, -1) == targets.reshape(1, B, -1)
+        return (hit | ~scored).all(dim=2).float()
+
+    def decision_mask(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        """(S, B, ...) bool: the output positions a reward depends on (the scored ones)."""
+        return (targets != IGNORE).unsqueeze(0).expand(tokens.shape)
+
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({options})"
@@ -100,12 +134,13 @@ class TokenMapTask(SyntheticTask):
     with loss 0.
 
     Options: ``vocab_size`` (>= 2), ``seq_len`` (>= 2), ``batch_size``,
-    ``test_size``, ``seed``.
+    ``test_size``, ``seed``, ``fitness`` (``"loss"`` or ``"metric"``).
     """
 
     def __init__(self, *, vocab_size: int = 8, seq_len: int = 8, batch_size: int = 64,
-                 test_size: int = 1024, seed: int = 0):
-        super().__init__(batch_size=batch_size, test_size=test_size, seed=seed)
+                 test_size: int = 1024, seed: int = 0, fitness: str = "loss"):
+        super().__init__(batch_size=batch_size, test_size=test_size, seed=seed,
+                         fitness=fitness)
         self.vocab_size = check_int("vocab_size", vocab_size, 2)
         self.seq_len = check_int("seq_len", seq_len, 2, 4096)
 

@@ -42,7 +42,8 @@ class AdditionTask(SyntheticTask):
     ``10**-(n+1)`` per sum; ceiling 1.0 (loss 0).
 
     Options: ``num_digits=1`` (1..15), ``digit_order="lsb"``, ``batch_size=64``,
-    ``test_size=1024``, ``seed=0`` (of the test set).
+    ``test_size=1024``, ``seed=0`` (of the test set), ``fitness="loss"`` (``"metric"``:
+    the exact-match rate of the training batch, for gradient-free searchers).
 
     The default is sized so that the task measures search, not model capacity or
     budget (``bench/learnability.py``, seeds 0-2, batch 64, Adam lr 1e-2, default
@@ -58,8 +59,9 @@ class AdditionTask(SyntheticTask):
     output_dim = 10
 
     def __init__(self, *, num_digits: int = 1, digit_order: str = "lsb", batch_size: int = 64,
-                 test_size: int = 1024, seed: int = 0):
-        super().__init__(batch_size=batch_size, test_size=test_size, seed=seed)
+                 test_size: int = 1024, seed: int = 0, fitness: str = "loss"):
+        super().__init__(batch_size=batch_size, test_size=test_size, seed=seed,
+                         fitness=fitness)
         self.num_digits = check_int("num_digits", num_digits, 1, 15)
         self.digit_order = check_choice("digit_order", digit_order, ("lsb", "msb"))
 

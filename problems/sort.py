@@ -19,7 +19,8 @@ class SortTask(TokenMapTask):
     ceiling 1.0 (loss 0).
 
     Options: ``vocab_size=8``, ``seq_len=8``, ``batch_size=64``, ``test_size=1024``,
-    ``seed=0`` (of the test set).
+    ``seed=0`` (of the test set), ``fitness="loss"`` (``"metric"``: the exact-match rate
+    of the training batch, for gradient-free searchers).
     """
 
     name = "sort"

@@ -55,7 +55,7 @@ def oracle_logits(targets: torch.Tensor, width: int, popsize: int = 2) -> torch.
 
 
 def test_task_names_lists_every_problem():
-    assert task_names() == OWN + ["cartpole"]
+    assert task_names() == OWN + ["cartpole", "g2p"]
 
 
 def test_unknown_task_names_the_known_ones():
@@ -350,7 +350,7 @@ def _documented_parameter_counts(doc: str) -> list[tuple[str, dict, int]]:
 @pytest.mark.parametrize("doc", ["README.md", "docs/problems.md"])
 def test_documented_parameter_counts_match_the_default_models(doc):
     rows = _documented_parameter_counts(doc)
-    assert {name for name, _, _ in rows} == set(OWN + ["cartpole"])
+    assert {name for name, _, _ in rows} == set(OWN + ["cartpole", "g2p"])
     for name, options, count in rows:
         if name == "cartpole" and not HAS_CARTPOLE:
             continue

@@ -187,13 +187,58 @@ class TransformerProblem(NEProblem):
         return super().generate_batch(popsize, empty=empty, center=center, stdev=stdev,
                                       symmetric=symmetric)
 
+    def set_initial_solution(self, values: Any, stdev: float = 0.0) -> None:
+        """Start searchers from trained weights instead of a fresh initialisation.
+
+        After this call :meth:`init_center` returns ``values`` exactly (the ES centre,
+        ``adam``'s network) and :meth:`init_population` returns ``values`` as its first
+        row and ``values + stdev * N(0, 1)`` (drawn with the problem's generator) as the
+        others (a GA's or a hybrid's population around it). ``values=None`` goes back to
+        fresh networks. ``values``: as :meth:`metrics` accepts, one solution.
+
+        Raises:
+            ValueError: not one solution of this problem's length, non-finite values, or
+                a negative ``stdev``.
+        """
+        if values is None:
+            self.__dict__.pop("_initial_solution", None)
+            return
+        values, single = self._as_values(values)
+        if not single and values.shape[0] != 1:
+            raise ValueError(f"the initial solution must be one solution (N,), got shape "
+                             f"{tuple(values.shape)}")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("the initial solution holds NaN/inf values")
+        if not (isinstance(stdev, int | float) and stdev >= 0 and stdev < float("inf")):
+            raise ValueError(f"stdev must be a finite number >= 0, got {stdev!r}")
+        self._initial_solution = (values[0].detach().to(self.device, self.dtype).clone(),
+                                  float(stdev))
+
+    @property
+    def initial_solution(self) -> Tensor | None:
+        """The solution set by :meth:`set_initial_solution` (``None``: fresh networks)."""
+        init = self.__dict__.get("_initial_solution")
+        return None if init is None else init[0]
+
     def init_population(self, popsize: int) -> Tensor:
-        """(popsize, N) freshly initialised networks, drawn with the problem's generator."""
+        """(popsize, N) freshly initialised networks, drawn with the problem's generator
+        (or around the initial solution: :meth:`set_initial_solution`)."""
+        init = self.__dict__.get("_initial_solution")
+        if init is not None:
+            values, stdev = init
+            noise = torch.randn((popsize, values.shape[0]), generator=self.generator,
+                                device=self.device, dtype=self.dtype)
+            noise[0] = 0.0
+            return values + stdev * noise
         return init_parameters(self.config, popsize, generator=self.generator,
                                device=self.device, dtype=self.dtype)
 
     def init_center(self) -> Tensor:
-        """(N,) one freshly initialised network: the ``center_init`` for ES searchers."""
+        """(N,) one freshly initialised network (or the initial solution): the
+        ``center_init`` for ES searchers."""
+        init = self.__dict__.get("_initial_solution")
+        if init is not None:
+            return init[0].clone()
         return self.init_population(1)[0]
 
     def _fill(self, values: Tensor) -> None:

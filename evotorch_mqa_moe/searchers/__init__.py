@@ -8,7 +8,8 @@ them all, in the order ``evotorch-mqa-moe list`` shows them:
 * :mod:`.backprop`: ``adam``, the backprop reference;
 * :mod:`.lamarck`, :mod:`.pbt`: hybrids built on :mod:`.gradients`,
   :mod:`.population_optim` and :mod:`.hybrid`;
-* :mod:`.lowrank_es`: the low-rank evolution strategy.
+* :mod:`.lowrank_es`: the low-rank evolution strategy;
+* :mod:`.reinforce`: policy gradient on the sequence reward (group-mean baseline).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from . import backprop  # noqa: F401  (adam)
 from . import lamarck  # noqa: F401  (lamarck, baldwin)
 from . import pbt  # noqa: F401  (pbt)
 from . import lowrank_es  # noqa: F401  (lowrank-es)
+from . import reinforce  # noqa: F401  (reinforce)
 # isort: on
 from .evotorch_algorithms import (
     FULL_CMAES_MAX,
@@ -34,6 +36,7 @@ from .registry import (
     SPACE_KINDS,
     Searcher,
     SearcherSpec,
+    check_loss_fitness,
     get_spec,
     make_searcher,
     min_popsize,
@@ -53,6 +56,7 @@ __all__ = [
     "GA_SEED_SETTINGS",
     "GA_SPACE",
     "register",
+    "check_loss_fitness",
     "get_spec",
     "make_searcher",
     "min_popsize",

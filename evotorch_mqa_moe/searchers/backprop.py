@@ -24,7 +24,7 @@ from evotorch_mqa_moe._internal.validate import check_float, check_int
 from evotorch_mqa_moe.model import MQAMoETransformer
 from evotorch_mqa_moe.problem import TransformerProblem
 
-from .registry import SearcherSpec, register
+from .registry import SearcherSpec, check_loss_fitness, register
 
 __all__ = ["BackpropTrainer", "FORWARD_EQUIVALENTS_PER_STEP"]
 
@@ -67,6 +67,7 @@ class BackpropTrainer:
         if not (callable(getattr(task, "sample", None)) and callable(getattr(task, "loss", None))):
             raise ValueError(f"adam needs a supervised task (sample + loss) for its gradients; "
                              f"{task.name!r} is not one")
+        check_loss_fitness("adam", task)
         lr = check_float("lr", lr)
         batch_size = check_int("batch_size", batch_size, none_ok=True)
         weight_decay = check_float("weight_decay", weight_decay, 0.0, low_open=False)

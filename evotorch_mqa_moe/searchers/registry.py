@@ -70,6 +70,16 @@ def supports_gradients(task: Any) -> bool:
     return callable(getattr(task, "sample", None)) and callable(getattr(task, "loss", None))
 
 
+def check_loss_fitness(name: str, task: Any) -> None:
+    """Refuse a gradient searcher ``name`` on a task whose fitness is its sequence metric
+    (``fitness="metric"``): the gradient of the loss would optimise another objective."""
+    if getattr(task, "fitness_mode", "loss") != "loss":
+        raise ValueError(f"{name} follows the gradient of the task's loss, but task "
+                         f"{task.name!r} has fitness={task.fitness_mode!r} (a sequence metric "
+                         "without a gradient); use a gradient-free searcher (pgpe, "
+                         "lowrank-es, ga, ...) or reinforce, or fitness='loss'")
+
+
 def _check_space(name: str, space: Mapping[str, tuple]) -> None:
     for key, entry in space.items():
         if not isinstance(entry, tuple) or not entry or entry[0] not in SPACE_KINDS:
@@ -174,7 +184,7 @@ def min_popsize(name: str) -> int:
 
 
 def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None = None,
-                  stdev: float | None = None, **options: Any) -> Searcher:
+                  stdev: float | None = None, init: Any = None, **options: Any) -> Searcher:
     """Build searcher ``name`` over ``problem``.
 
     Args:
@@ -184,6 +194,11 @@ def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None
         stdev: the initial search stdev (ES) or mutation stdev (GAs); default the
             spec's ``default_stdev`` (0.05, the measured sweet spot of the evolutionary
             searchers on the example problems; 0.01 for the hybrids).
+        init: start from these weights (one solution, e.g. a trained model's flat
+            vector) instead of fresh networks: the ES centre and ``adam``'s network
+            are exactly ``init``, populations (GAs, hybrids) are ``init`` and
+            ``init + stdev * N(0, 1)`` around it
+            (:meth:`~evotorch_mqa_moe.problem.TransformerProblem.set_initial_solution`).
         options: keyword options of the searcher's builder (for EvoTorch
             searchers: passed on to its constructor, or to
             :func:`~evotorch_mqa_moe.ga.seed_genetic_algorithm` for ``ga``).
@@ -191,7 +206,8 @@ def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None
         An object implementing :class:`Searcher`.
     Raises:
         ValueError: unknown ``name``, ``popsize`` below the spec's ``min_popsize``,
-            a non-positive ``stdev``, or a gradient searcher on a task without a loss.
+            a non-positive ``stdev``, or a gradient searcher on a task without a loss
+            or with ``fitness="metric"``.
     """
     spec = get_spec(name)
     popsize = spec.default_popsize if popsize is None else popsize
@@ -201,4 +217,8 @@ def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None
     if spec.needs_gradient and not supports_gradients(problem.task):
         raise ValueError(f"{name} needs a supervised task (sample + loss) for its gradients; "
                          f"{problem.task.name!r} is not one")
+    if spec.needs_gradient:
+        check_loss_fitness(name, problem.task)
+    if init is not None:
+        problem.set_initial_solution(init, stdev)
     return spec.build(problem, popsize=popsize, stdev=stdev, **options)

@@ -23,6 +23,7 @@ TASKS: tuple[tuple[str, int, str], ...] = (
     ('language', 3734, 'neg_bits_per_char'),
     ('multitask', 6736, 'exact_accuracy'),
     ('cartpole', 3300, 'mean_return'),
+    ('g2p', 93292, 'neg_word_error_rate'),
 )
 SEARCHERS: tuple[tuple[str, int, bool, str], ...] = (
     ('ga', 50, False, 'our GA: truncation selection, uniform cross-over, probabilistic Gaussian mutation, re-scored elites'),  # noqa: E501
@@ -40,6 +41,7 @@ SEARCHERS: tuple[tuple[str, int, bool, str], ...] = (
     ('baldwin', 8, True, 'GA whose children are scored after k gradient steps; genomes untrained'),
     ('pbt', 8, True, 'population-based training: per-individual lr and beta1, exploit and explore'),
     ('lowrank-es', 200, False, 'evolution strategy over low-rank populations (EGGROLL): shared weights + rank-r factors per individual, antithetic, centred ranks, Adam'),  # noqa: E501
+    ('reinforce', 8, False, 'policy gradient on the sequence reward, group-mean baseline (GRPO-like; one network, popsize = samples per example)'),  # noqa: E501
 )
 # --- end of generated tables ---
 

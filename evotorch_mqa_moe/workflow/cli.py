@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="generations between held-out evaluations")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         p.add_argument("--quiet", action="store_true", help="warnings and errors only")
+        p.add_argument("--init", type=Path, default=None, metavar="PATH",
+                       help="start from the weights in PATH (best_model.pt of an earlier run, "
+                            "or its checkpoint.pt): the ES centre, adam's network, GA and "
+                            "hybrid populations around it")
         p.add_argument("--config", type=Path, default=None, metavar="FILE",
                        help="settings from a best.json (written by `tune`): searcher, popsize, "
                             "stdev, searcher/task options, model; explicit flags override")
@@ -165,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--model", action="append", metavar="NAME=VALUE",
                    help="model config change, e.g. embed_dim=32 (repeatable)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--init", type=Path, default=None, metavar="PATH",
+                   help="every run starts from the weights in PATH (best_model.pt or a "
+                        "checkpoint)")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler")
     t.add_argument("--metric", default=None,
@@ -312,7 +319,7 @@ def _run(args: argparse.Namespace) -> None:
         model=_model(args), searcher_options=searcher_options,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, dtype=args.dtype,
         num_actors=args.actors, num_gpus_per_actor=args.gpus_per_actor,
-        ray_address=args.ray_address)
+        ray_address=args.ray_address, init=None if args.init is None else str(args.init))
     from .loggers import open_loggers
 
     with open_loggers(args.logger or [], run_name=f"{args.task}-{args.searcher}-seed{args.seed}",
@@ -349,7 +356,8 @@ def _compare(args: argparse.Namespace, command: str) -> None:
             model=_model(args), eval_every=args.eval_every,
             searcher_options=searcher_options, command=command, dtype=args.dtype,
             loggers=args.logger or (), num_actors=args.actors,
-            num_gpus_per_actor=args.gpus_per_actor, ray_address=args.ray_address)
+            num_gpus_per_actor=args.gpus_per_actor, ray_address=args.ray_address,
+            init=args.init)
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -374,7 +382,7 @@ def _tune(args: argparse.Namespace) -> None:
                     task_options=_key_values(args.task_option, "--task-option"),
                     model=_key_values(args.model, "--model"), threads=args.threads,
                     sampler_seed=args.sampler_seed, device=args.device,
-                    eval_every=args.eval_every, metric=args.metric)
+                    eval_every=args.eval_every, metric=args.metric, init=args.init)
     finally:
         logger.enable("evotorch_mqa_moe.run")
     if best is None:
@@ -440,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         describe = getattr(exc, "describe", None)  # run.RunInterrupted knows what was saved
         print(f"evotorch-mqa-moe: {describe() if describe else 'interrupted'}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError,
+            ModuleNotFoundError) as exc:  # ModuleNotFoundError: a missing extra (g2p)
         print(f"evotorch-mqa-moe: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a failed write (full disk, ...): one line, no traceback

@@ -57,7 +57,7 @@ from loguru import logger
 
 from evotorch_mqa_moe._internal.files import atomic_to_csv, atomic_write_text
 from evotorch_mqa_moe._internal.validate import check_float, check_int
-from evotorch_mqa_moe.searchers import get_spec, supports_gradients
+from evotorch_mqa_moe.searchers import check_loss_fitness, get_spec, supports_gradients
 
 from .loggers import check_loggers, open_loggers
 from .run import run
@@ -147,6 +147,8 @@ def _validate(task_name: str, searchers: Sequence[str], seeds: int, max_evals: i
             raise ValueError(f"{spec.name} needs a supervised task (sample + loss) for its "
                              f"gradients; {task_name!r} is not one: leave {spec.name} out of "
                              "the searchers")
+        if spec.needs_gradient:
+            check_loss_fitness(spec.name, task)  # fitness="metric": before any run starts
     return task
 
 
@@ -158,7 +160,8 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
             eval_every: int = 10, searcher_options: dict[str, dict[str, Any]] | None = None,
             command: str | None = None, budget_evals: int | None = None,
             dtype: str = "float32", loggers: Sequence[str] = (), num_actors: int = 0,
-            num_gpus_per_actor: float | None = None, ray_address: str | None = None) -> Any:
+            num_gpus_per_actor: float | None = None, ray_address: str | None = None,
+            init: str | Path | None = None) -> Any:
     """Run each searcher with seeds ``0..seeds-1`` on ``task`` under one budget.
 
     Args:
@@ -183,6 +186,8 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
             W&B / Neptune run, named ``TASK-SEARCHER-seedK``) per run.
         num_actors, num_gpus_per_actor, ray_address: Ray actors for every run (as in
             :class:`~evotorch_mqa_moe.run.RunSettings`).
+        init: every run starts from the weights in this model file or checkpoint
+            (``RunSettings.init``).
 
     Returns:
         The ``results.csv`` table as a pandas DataFrame (one row per run).
@@ -230,7 +235,7 @@ def compare(task: str, searchers: Sequence[str], *, seeds: int = 3, max_evals: i
                 searcher_options=dict(searcher_options.get(name, {})),
                 eval_every=eval_every, checkpoint_every=eval_every, dtype=dtype,
                 num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor,
-                ray_address=ray_address)
+                ray_address=ray_address, init=None if init is None else str(init))
             folder = out / name / f"seed{seed}"
             resume = (folder / "checkpoint.pt").is_file()
             logger.info(f"compare {task}: run {i * seeds + seed + 1}/{total}: {name} seed {seed}"

@@ -175,8 +175,13 @@ def _build(settings: RunSettings):
     if get_spec(settings.searcher).dense_population:  # lowrank-es stores factors, not P x N
         check_population_memory(resolved_settings(settings)["popsize"],
                                 problem.solution_length, problem.dtype, settings.device)
+    init = None
+    if settings.init is not None:
+        from .initial import load_initial_solution
+
+        init = load_initial_solution(settings.init, config)  # ValueError naming the field
     searcher = make_searcher(settings.searcher, problem, popsize=settings.popsize,
-                             stdev=settings.stdev, **settings.searcher_options)
+                             stdev=settings.stdev, init=init, **settings.searcher_options)
     return task, config, problem, searcher
 
 
@@ -305,11 +310,17 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
         history, elapsed = ckpt["history"], float(ckpt["elapsed"])
         logger.info(f"resumed {settings.task}/{settings.searcher} at generation {len(history)}")
     saved = {"any": checkpoint_path.is_file()}
+    init_metrics = None
+    if settings.init is not None:  # the model the run starts from, on the held-out set
+        init_metrics = problem.metrics(problem.initial_solution)
+        logger.info(f"init from {settings.init}: {task.target_metric} = "
+                    f"{init_metrics.get(task.target_metric, float('nan')):.4g}")
 
     def save_checkpoint() -> None:
         atomic_save({"version": CHECKPOINT_VERSION, "settings": settings.identity(),
                       "resolved": resolved,
                       "config": config.to_dict(), "searcher": searcher.state_dict(),
+                      "solution": searcher.current_solution().detach().cpu(),
                       "history": history,
                       "elapsed": elapsed}, checkpoint_path)
         saved["any"] = True
@@ -396,6 +407,7 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
         "stopped_by": limit,
         "popsize": getattr(searcher, "popsize", settings.popsize),
         "ray_actors_used": actors_started(problem),
+        "init_metrics": init_metrics,
         "best_fitness": max((r["best_fitness"] for r in history
                              if math.isfinite(r["best_fitness"])), default=float("nan")),
         "versions": versions(),

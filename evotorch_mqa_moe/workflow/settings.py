@@ -4,6 +4,7 @@ to, and the package versions a run records."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,10 @@ class RunSettings:
             actor then evaluates on its GPU).
         ray_address: join this Ray cluster (``ray.init(address=...)``, e.g.
             ``"auto"`` or ``"10.0.0.1:6379"``) instead of starting a local one.
+        init: start the searcher from the weights in this file (``best_model.pt`` of
+            an earlier run, or its ``checkpoint.pt``): the ES centre, adam's network,
+            populations around it (:func:`~evotorch_mqa_moe.workflow.initial.\
+load_initial_solution`; a model of another config is refused naming the field).
         The last three change where the work runs, not what is computed: they are not
         part of a checkpoint's identity, so a run may resume with other values.
     """
@@ -69,6 +74,7 @@ class RunSettings:
     num_actors: int = 0
     num_gpus_per_actor: float | None = None
     ray_address: str | None = None
+    init: str | None = None
 
     def __post_init__(self) -> None:
         get_spec(self.searcher)  # ValueError naming the known searchers
@@ -82,6 +88,10 @@ class RunSettings:
         for name in ("eval_every", "checkpoint_every"):
             setattr(self, name, check_int(name, getattr(self, name)))
         self.seed = check_int("seed", self.seed, 0)
+        if self.init is not None:
+            if not isinstance(self.init, str | os.PathLike) or not str(self.init).strip():
+                raise ValueError(f"init must be a file path, got {self.init!r}")
+            self.init = str(self.init)
         # a known name, kept as one (the device is checked in _build)
         self.dtype = str(resolve_dtype(self.dtype, "meta")).removeprefix("torch.")
         self.num_actors = check_int("num_actors", self.num_actors, 0)
@@ -113,6 +123,8 @@ class RunSettings:
             d.pop(key)
         if d["dtype"] == "float32":  # absent from checkpoints written before --dtype
             d.pop("dtype")
+        if d["init"] is None:  # absent from checkpoints written before --init
+            d.pop("init")
         return d
 
 

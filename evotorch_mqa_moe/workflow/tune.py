@@ -285,7 +285,7 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
          threads: int | None = None, sampler_seed: int = 0, device: str = "cpu",
          checkpoints: int = 4, space: Mapping[str, tuple] | None = None,
          eval_every: int = 10, metric: str | None = None,
-         first_seed: int = 0) -> dict[str, Any] | None:
+         first_seed: int = 0, init: str | Path | None = None) -> dict[str, Any] | None:
     """Run ``trials`` Optuna trials of ``searcher`` on ``task``; write best.json & co to ``out``.
 
     Args:
@@ -315,6 +315,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
             ``neg_NAME`` maximises ``-NAME``, e.g. ``neg_loss``.
         first_seed: the first run seed. Tune on seeds that the comparison of tuned
             vs default settings will not use (e.g. 100) so that comparison is held out.
+        init: every run starts from the weights in this model file or checkpoint
+            (``RunSettings.init``), e.g. to tune fine-tuning from a pretrained model.
 
     Returns:
         The ``best.json`` dict, or None when the study has no completed trial.
@@ -377,7 +379,8 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
                     settings = RunSettings(
                         task=task, searcher=searcher, max_evaluations=mark, seed=seed,
                         device=device, task_options=task_options, model=model,
-                        eval_every=eval_every, checkpoint_every=10**9, **chosen)
+                        eval_every=eval_every, checkpoint_every=10**9,
+                        init=None if init is None else str(init), **chosen)
                     t0 = time.perf_counter()
                     try:
                         # the first piece starts afresh (a folder left by an older study
