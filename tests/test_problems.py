@@ -341,7 +341,8 @@ def _documented_parameter_counts(doc: str) -> list[tuple[str, dict, int]]:
             break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         name = re.match(r"`(\w+)`", cells[0]).group(1)
-        options = {"source": "text"} if name == "language" and "text" in cells[0] else {}
+        source = re.search(r'`(?:source=")?(markov|text|prose)"?`', cells[0])
+        options = {"source": source.group(1)} if source else {}
         count = int(re.match(r"([\d,]+)", cells[-1]).group(1).replace(",", ""))
         rows.append((name, options, count))
     return rows

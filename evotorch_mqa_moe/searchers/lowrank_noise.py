@@ -152,14 +152,14 @@ class SeededLowRankNoise:
         self.dtype, self.chunk_pairs = dtype, max(1, int(chunk_pairs))
         self.pair_size = num_vector_genes(self.layout) + sum(
             rank * (b.rows + b.cols) for b in self.layout if b.lowrank)
-        self._generator = torch.Generator(device=self.generator_device)
+        self._pair_rng = torch.Generator(device=self.generator_device)
 
     def pair_draws(self, first: int, last: int) -> Tensor:
         """(last - first, pair_size): the raw draws of pairs ``first .. last-1``."""
         rows = []
         for k in range(first, last):
-            self._generator.manual_seed(derive_key(self.seed, k))
-            rows.append(torch.randn(self.pair_size, generator=self._generator,
+            self._pair_rng.manual_seed(derive_key(self.seed, k))
+            rows.append(torch.randn(self.pair_size, generator=self._pair_rng,
                                     device=self.generator_device, dtype=self.dtype))
         return torch.stack(rows).to(self.device)
 
