@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from evotorch_mqa_moe._internal.validate import check_float, check_int
+from evotorch_mqa_moe._internal.validate import MAX_SEED, check_float, check_int
 from evotorch_mqa_moe.model import resolve_dtype
 from evotorch_mqa_moe.searchers import get_spec
 
@@ -81,7 +81,7 @@ class RunSettings:
             setattr(self, name, check_int(name, getattr(self, name), none_ok=True))
         for name in ("eval_every", "checkpoint_every"):
             setattr(self, name, check_int(name, getattr(self, name)))
-        self.seed = check_int("seed", self.seed, 0)
+        self.seed = check_int("seed", self.seed, 0, MAX_SEED)
         # a known name, kept as one (the device is checked in _build)
         self.dtype = str(resolve_dtype(self.dtype, "meta")).removeprefix("torch.")
         self.num_actors = check_int("num_actors", self.num_actors, 0)
