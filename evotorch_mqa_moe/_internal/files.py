@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["replacing", "atomic_write_text", "atomic_save", "atomic_to_csv",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "pid_alive"]
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours: nothing of this process is being written while it starts
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -41,7 +40,9 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     for tmp in Path(folder).glob("*.*.tmp"):
         pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
-        if pid.isdigit() and tmp.is_file() and not _alive(int(pid)):
+        # ours too: nothing of this process is being written while a run starts
+        if (pid.isdigit() and tmp.is_file()
+                and (int(pid) == os.getpid() or not pid_alive(int(pid)))):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
