@@ -267,3 +267,90 @@ def test_a_nan_elapsed_checkpoint_does_not_run_forever(finished, tmp_path):
     with pytest.raises(ValueError, match="'elapsed' must be a finite number"):
         run(settings, out, resume=True)
     assert math.isnan(torch.load(out / "checkpoint.pt", weights_only=True)["elapsed"])
+
+
+# ----------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize("extra, names", [
+    (["--stdev", "1e300"], ["stdev", "1e+300"]),
+    (["--searcher-option", "center_learning_rate=NaN"], ["center_learning_rate", "finite"]),
+    (["--searcher-option", "center_learning_rate=abc"], ["center_learning_rate", "'abc'"]),
+    (["--seed", str(2**70)], ["seed", str(2**70)]),
+    (["--resume", "--overwrite"], ["resume and overwrite"]),
+])
+def test_bad_run_values_are_one_line_exit_2(finished, tmp_path, extra, names):
+    if "--resume" in extra:  # a folder holding a run: neither resumed nor rewritten
+        out = _copy(finished, "pgpe", tmp_path / "run")
+        before = (out / "checkpoint.pt").read_bytes()
+    else:
+        out, before = tmp_path / "fresh", None
+    line = _one_line(_cli(*_run_args(out, 4), *extra))
+    assert all(n in line for n in names), line
+    if before is not None:
+        assert (out / "checkpoint.pt").read_bytes() == before
+    else:
+        assert not (out / "checkpoint.pt").exists()
+
+
+def test_the_largest_seed_runs(tmp_path):
+    settings = RunSettings(**{**_settings("ga", 1).__dict__, "seed": 2**63 - 1})
+    assert run(settings, tmp_path / "run")["generations"] == 1
+
+
+def _problem(**kw):
+    from evotorch_mqa_moe.model import TransformerConfig  # noqa: F401 - the task's own config
+    from evotorch_mqa_moe.problem import TransformerProblem
+    from evotorch_mqa_moe.problems import make_task
+
+    task = make_task("reverse")
+    return TransformerProblem(task, task.default_config().replace(**TINY), seed=0, **kw)
+
+
+@pytest.mark.parametrize("kw, name", [({"device": "bogus"}, "device 'bogus'"),
+                                      ({"chunk_size": 0}, "chunk_size"),
+                                      ({"chunk_size": -3}, "chunk_size"),
+                                      ({"memory_budget": 0}, "memory_budget")])
+def test_problem_refuses_bad_arguments_when_built(kw, name):
+    with pytest.raises(ValueError, match=name):
+        _problem(**kw)
+
+
+def test_make_net_refuses_a_wrong_length():
+    problem = _problem()
+    with pytest.raises(ValueError, match=f"length {problem.solution_length}, got shape"):
+        problem.make_net(torch.zeros(problem.solution_length + 1))
+    assert problem.make_net(torch.zeros(problem.solution_length)) is not None
+
+
+def test_metrics_of_a_nan_solution_are_nan():
+    problem = _problem()
+    good = torch.zeros(problem.solution_length)
+    bad = good.clone()
+    bad[5] = float("nan")
+    single = problem.metrics(bad)
+    assert single and all(math.isnan(v) for v in single.values())
+    both = problem.metrics(torch.stack([good, bad]))
+    assert all(not math.isnan(v[0]) and math.isnan(v[1]) for v in both.values())
+
+
+def test_mutation_and_selection_refuse_bad_numbers():
+    from evotorch_mqa_moe.evolution.functional import gaussian_mutation, truncation_pairs
+
+    values = torch.zeros(4, 6)
+    for stdev in (float("inf"), float("nan"), torch.tensor([1.0, float("inf")] * 3)):
+        with pytest.raises(ValueError, match="stdev"):
+            gaussian_mutation(values, stdev=stdev)
+    assert torch.isfinite(gaussian_mutation(values, stdev=1e3)).all()
+    with pytest.raises(ValueError, match="num_pairs must be a non-negative integer, got -1"):
+        truncation_pairs(torch.arange(4.0), -1, maximize=True)
+
+
+def test_a_ga_whose_population_is_all_nan_refuses_to_step():
+    from evotorch_mqa_moe.searchers import make_searcher
+
+    problem = _problem()
+    searcher = make_searcher("ga", problem, popsize=8)
+    searcher.step()
+    population = searcher.algorithm.population
+    population.access_values()[:] = float("nan")
+    with pytest.raises(ValueError, match="every one of the 8 individuals"):
+        searcher.step()
