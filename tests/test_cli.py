@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from evotorch_mqa_moe.searchers import SEARCHERS
-from evotorch_mqa_moe.workflow.checkpoint import load_model
+from evotorch_mqa_moe.workflow.checkpoint import checksum, load_model
 from evotorch_mqa_moe.workflow.cli import main
 
 TINY = ["--model", "embed_dim=8", "--model", "num_heads=2", "--model", "expert_dim=8"]
@@ -406,9 +406,11 @@ def _break(kind: str, path: Path) -> None:
     elif kind == "population-shape":
         _replace_tensor(good, "_population/__object__/_data",
                         lambda t: torch.zeros(t.shape[0] + 1, t.shape[1]))
+        good["checksum"] = checksum(good)
         torch.save(good, path)
     elif kind == "centre-nan":
         _replace_tensor(good, "parameters/mu", lambda t: torch.full_like(t, float("nan")))
+        good["checksum"] = checksum(good)
         torch.save(good, path)
     else:
         raise AssertionError(kind)
@@ -446,7 +448,7 @@ def test_broken_checkpoint_subprocess_no_traceback(pgpe_run, tmp_path):
                           capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not a readable checkpoint" in lines[0], proc.stderr
+    assert len(lines) == 1 and "not a torch.save zip archive" in lines[0], proc.stderr
     assert str(out / "checkpoint.pt") in lines[0]
 
 

@@ -16,6 +16,7 @@ import torch
 
 import evotorch_mqa_moe.workflow.run as run_module
 from evotorch_mqa_moe.searchers import get_spec
+from evotorch_mqa_moe.workflow.checkpoint import checksum
 from evotorch_mqa_moe.workflow.run import check_population_memory, run
 from evotorch_mqa_moe.workflow.settings import RunSettings
 
@@ -35,6 +36,12 @@ def finished(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished")
     run(_settings(), out)
     return out
+
+
+def _save(ckpt: dict, path: Path) -> None:
+    """``torch.save`` an edited checkpoint with its checksum recomputed."""
+    ckpt["checksum"] = checksum(ckpt)
+    torch.save(ckpt, path)
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -92,6 +99,7 @@ def _corrupt(kind: str, path: Path) -> None:
         else:
             value = torch.full_like(tensor, float("nan"))
         _set(bad["searcher"], where, value)
+        bad["checksum"] = checksum(bad)  # a consistent file: the value checks must find it
         torch.save(bad, path)
     else:
         raise AssertionError(kind)
@@ -99,8 +107,9 @@ def _corrupt(kind: str, path: Path) -> None:
 
 BROKEN = ["random-bytes", "plain-pickle", "truncated", "empty", "list", "missing-keys",
           "population-shape", "centre-shape", "centre-nan", "population-nan"]
-WHAT = {"random-bytes": "not a readable checkpoint", "plain-pickle": "not a readable checkpoint",
-        "truncated": "not a readable checkpoint", "empty": "empty", "list": "list",
+WHAT = {"random-bytes": "not a torch.save zip archive",
+        "plain-pickle": "not a torch.save zip archive",
+        "truncated": "not a torch.save zip archive", "empty": "empty", "list": "list",
         "missing-keys": "missing history, searcher", "population-shape": "shape",
         "centre-shape": "shape", "centre-nan": "non-finite", "population-nan": "NaN"}
 
@@ -146,7 +155,7 @@ def test_resume_refuses_changed_defaults(finished, tmp_path, monkeypatch):
     out = _copy_run(finished, tmp_path / "run")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     ckpt["resolved"]["stdev"] = 0.5
-    torch.save(ckpt, out / "checkpoint.pt")
+    _save(ckpt, out / "checkpoint.pt")
     with pytest.raises(ValueError, match=r"stdev: checkpoint 0\.5, this run"):
         run(_settings(generations=3), out, resume=True)
     # the same checkpoint resumes when the recorded value is given explicitly
@@ -165,7 +174,7 @@ def test_resume_refuses_changed_searcher_option_defaults(tmp_path):
     assert ckpt["resolved"]["options"] == dict(get_spec("ga").defaults)
     old = {**ckpt["resolved"]["options"], "re_evaluate": False}  # as before "elites"
     ckpt["resolved"]["options"] = old
-    torch.save(ckpt, out / "checkpoint.pt")
+    _save(ckpt, out / "checkpoint.pt")
     with pytest.raises(ValueError, match=r"searcher_options\.re_evaluate: checkpoint False, "
                                          r"this run 'elites'.*--searcher-option"):
         run(dataclasses.replace(settings, generations=3), out, resume=True)
@@ -175,7 +184,7 @@ def test_resume_refuses_changed_searcher_option_defaults(tmp_path):
     # a checkpoint that predates recorded options: resumed with this version's
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     del ckpt["resolved"]["options"]
-    torch.save(ckpt, out / "checkpoint.pt")
+    _save(ckpt, out / "checkpoint.pt")
     assert run(dataclasses.replace(explicit, generations=4), out,
                resume=True)["generations"] == 4
 
@@ -186,7 +195,7 @@ def test_resume_accepts_a_config_field_added_later_at_its_default(finished, tmp_
     out = _copy_run(finished, tmp_path / "run")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["config"].pop("gating") == "linear"
-    torch.save(ckpt, out / "checkpoint.pt")
+    _save(ckpt, out / "checkpoint.pt")
     assert run(_settings(generations=3), out, resume=True)["generations"] == 3
     with pytest.raises(ValueError, match=r"model.gating: checkpoint 'linear', this run"):
         run(_settings(generations=4, model={"gating": "attention"}), out, resume=True)

@@ -11,9 +11,20 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
-__all__ = ["check_int", "check_float", "check_choice", "check_bool"]
+__all__ = ["check_int", "check_float", "check_choice", "check_bool", "check_threads",
+           "max_threads", "MAX_SEED"]
+
+MAX_SEED = 2**63 - 1
+"""The largest seed: torch's generators take a signed 64-bit integer."""
+
+
+def max_threads() -> int:
+    """The most torch CPU threads accepted: 4 per CPU core here (torch segfaults or fails
+    to allocate with tens of thousands)."""
+    return 4 * max(1, os.cpu_count() or 1)
 
 
 def _describe_int(minimum: int | None, maximum: int | None) -> str:
@@ -116,3 +127,13 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {value!r}")
     return value
+
+
+def check_threads(name: str, value: object, *, none_ok: bool = False) -> int | None:
+    """``value`` as a thread count in ``[1, max_threads()]``; ValueError naming the bound."""
+    limit = max_threads()
+    try:
+        return check_int(name, value, 1, limit, none_ok=none_ok)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer in [1, {limit}] (4 x the "
+                         f"{limit // 4} CPU core(s) here), got {value!r}") from None

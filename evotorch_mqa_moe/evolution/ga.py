@@ -140,6 +140,10 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
     def _step(self):
         problem = self.problem
         parents = self._population
+        if not bool(torch.isfinite(parents.values.as_subclass(torch.Tensor)).all(dim=1).any()):
+            raise ValueError(f"every one of the {len(parents)} individuals of the GA's "
+                             "population holds NaN/inf values: nothing finite to select or "
+                             "breed from")
         if self._re_evaluate or self._needs_eval:
             problem.evaluate(parents)
             self._needs_eval = False

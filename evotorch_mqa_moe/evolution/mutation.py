@@ -80,17 +80,18 @@ def _check_stdev(stdev, *, shape=None) -> float | torch.Tensor:
                         f"`stdev` of shape {tuple(stdev.shape)} does not broadcast to the "
                         f"values' shape {tuple(shape)}"
                     )
-            bad = ~(stdev >= 0)  # negative or NaN
+            bad = ~((stdev >= 0) & torch.isfinite(stdev))  # negative, NaN or inf
             if bool(bad.any()):
                 raise ValueError(
-                    f"`stdev` must be >= 0 everywhere, got {stdev[bad].flatten()[0].item()!r}"
+                    f"`stdev` must be finite and >= 0 everywhere, got "
+                    f"{stdev[bad].flatten()[0].item()!r}"
                 )
             return stdev
     if not isinstance(stdev, numbers.Real) or isinstance(stdev, bool):
         raise TypeError(f"`stdev` must be a real number or a tensor, got {stdev!r}")
     stdev = float(stdev)
-    if not (stdev >= 0.0):
-        raise ValueError(f"`stdev` must be >= 0, got {stdev!r}")
+    if not (0.0 <= stdev < math.inf):
+        raise ValueError(f"`stdev` must be finite and >= 0, got {stdev!r}")
     return stdev
 
 

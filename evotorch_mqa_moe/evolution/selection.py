@@ -52,6 +52,7 @@ def truncation_pairs(
     Returns:
         ``(idx1, idx2)``, each ``(num_pairs,)`` int64 indices into the population.
     """
+    num_pairs = check_int("num_pairs", num_pairs, 0, integral_float=True)
     fraction = _check_probability("fraction", fraction)
     if fraction == 0.0:
         raise ValueError("`fraction` must be > 0, got 0.0")
@@ -88,6 +89,7 @@ def tournament_pairs(
     Returns:
         ``(idx1, idx2)``, each ``(num_pairs,)`` int64 indices into the population.
     """
+    num_pairs = check_int("num_pairs", num_pairs, 0, integral_float=True)
     tournament_size = check_int("tournament_size", tournament_size, integral_float=True)
     key = _nan_worst_key(fitness, maximize)
     rng_dev = _rng_device(generator, fitness.device)

@@ -116,6 +116,14 @@ class TransformerProblem(NEProblem):
         if data_refresh not in DATA_REFRESH:
             raise ValueError(f"data_refresh must be one of {DATA_REFRESH}, got {data_refresh!r}")
         seed = check_int("seed", seed, 0, none_ok=True)
+        chunk_size = check_int("chunk_size", chunk_size, none_ok=True)
+        memory_budget = check_int("memory_budget", memory_budget, none_ok=True)
+        if device is not None:
+            try:  # compute there: a bad name, a missing GPU
+                torch.ones(1, device=device).add(1)
+            except Exception as exc:  # noqa: BLE001 - any failure: one clear line
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ValueError(f"device {device!r} is not usable here: {first}") from None
         self.task = task
         self.config = config
         self.data_refresh = data_refresh
@@ -401,11 +409,27 @@ class TransformerProblem(NEProblem):
         """Held-out metrics (``task.metrics``) of one solution as floats, or of several as lists.
 
         ``solutions``: one ``Solution`` or tensor ``(N,)`` -> ``{name: float}``; a
-        ``SolutionBatch`` or tensor ``(P, N)`` -> ``{name: [P floats]}``.
+        ``SolutionBatch`` or tensor ``(P, N)`` -> ``{name: [P floats]}``. A solution
+        holding NaN/inf gets NaN for every metric.
         """
         values, single = self._as_values(solutions)
         result = self.task.metrics(self.population_model(values))
-        return {k: (float(v[0]) if single else [float(x) for x in v]) for k, v in result.items()}
+        # a network with NaN/inf weights has no meaningful score (its argmax is arbitrary)
+        finite = torch.isfinite(values).all(dim=1).tolist()
+        nan = float("nan")
+        return {k: (float(v[0]) if finite[0] else nan) if single else
+                [float(x) if ok else nan for x, ok in zip(v, finite, strict=True)]
+                for k, v in result.items()}
+
+    def make_net(self, parameters: Any) -> nn.Module:
+        """The network of one solution (a ``Solution`` or ``(N,)`` values); ValueError
+        naming the length when it is not :attr:`solution_length`."""
+        if not isinstance(parameters, Solution):
+            values = torch.as_tensor(parameters)
+            if values.dim() != 1 or values.shape[0] != self.solution_length:
+                raise ValueError(f"make_net takes one solution of length "
+                                 f"{self.solution_length}, got shape {tuple(values.shape)}")
+        return super().make_net(parameters)
 
 
 def _check_config_fits_task(config: TransformerConfig, reference: TransformerConfig,

@@ -22,6 +22,8 @@ shared by all its evaluations.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -183,6 +185,27 @@ def min_popsize(name: str) -> int:
     return get_spec(name).min_popsize
 
 
+MAX_STDEV = 1e3
+"""The largest search / mutation stdev accepted (weights drawn at 1e300 are inf in float32)."""
+
+
+def _check_options(spec: SearcherSpec, options: Mapping[str, Any]) -> None:
+    """ValueError naming an option of ``spec`` that is NaN/inf, or not a number where the
+    searcher's search space or defaults hold a number."""
+    for key, value in options.items():
+        entry = spec.search_space.get(key)
+        default = spec.defaults.get(key)
+        numeric = (entry is not None and entry[0] in ("log", "float", "int")) or (
+            isinstance(default, int | float) and not isinstance(default, bool))
+        is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if is_number and not math.isfinite(value):
+            raise ValueError(f"searcher option {key} of {spec.name} must be finite, "
+                             f"got {value!r}")
+        if numeric and not is_number:
+            raise ValueError(f"searcher option {key} of {spec.name} must be a number, "
+                             f"got {value!r}")
+
+
 def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None = None,
                   stdev: float | None = None, init: Any = None, **options: Any) -> Searcher:
     """Build searcher ``name`` over ``problem``.
@@ -206,14 +229,16 @@ def make_searcher(name: str, problem: TransformerProblem, *, popsize: int | None
         An object implementing :class:`Searcher`.
     Raises:
         ValueError: unknown ``name``, ``popsize`` below the spec's ``min_popsize``,
-            a non-positive ``stdev``, or a gradient searcher on a task without a loss
+            a ``stdev`` outside ``(0, MAX_STDEV]``, a NaN/inf option or a non-number
+            where the searcher takes a number, or a gradient searcher on a task without a loss
             or with ``fitness="metric"``.
     """
     spec = get_spec(name)
     popsize = spec.default_popsize if popsize is None else popsize
     stdev = spec.default_stdev if stdev is None else stdev
     popsize = check_int(f"popsize for {name}", popsize, spec.min_popsize)
-    stdev = check_float("stdev", stdev)
+    stdev = check_float("stdev", stdev, 0.0, MAX_STDEV)
+    _check_options(spec, options)
     if spec.needs_gradient and not supports_gradients(problem.task):
         raise ValueError(f"{name} needs a supervised task (sample + loss) for its gradients; "
                          f"{problem.task.name!r} is not one")

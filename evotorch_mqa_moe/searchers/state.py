@@ -144,6 +144,13 @@ def _restore_into(obj: Any, state: dict[str, Any], path: str = "") -> None:
     for name, saved in state.items():
         if name == _CLASS:
             continue
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"checkpoint holds a field {name!r} at {path or '.'}, not an "
+                             "attribute name")
+        held = getattr(type(obj), name, None)
+        if name not in vars(obj) and (callable(held) or isinstance(held, property)):
+            raise ValueError(f"checkpoint holds a field {path}.{name} that would replace "
+                             f"the {type(obj).__name__}.{name} method; refusing it")
         current = getattr(obj, name, None)
         value = _decode(current, saved, f"{path}.{name}")
         # an equal number or string is left alone: frozen dataclasses (a GA's

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("task", help="a task name (see `list`)")
-        p.add_argument("--popsize", type=int, default=None, help="population size")
+        p.add_argument("--popsize", type=int, default=None,
+                       help="population size (default: the searcher's, see `list`)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
         p.add_argument("--out", type=Path, required=True, help="output folder")
         p.add_argument("--stdev", type=float, default=None,
@@ -81,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                             "updates stay float32; lowrank-es keeps its factors in it)")
         p.add_argument("--eval-every", type=int, default=10,
                        help="generations between held-out evaluations")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads, 1 to 4 per core (default: torch's, one per "
+                            "core)")
         p.add_argument("--quiet", action="store_true", help="warnings and errors only")
         p.add_argument("--init", type=Path, default=None, metavar="PATH",
                        help="start from the weights in PATH (best_model.pt of an earlier run, "
@@ -168,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="task option, e.g. seq_len=10 (repeatable)")
     t.add_argument("--model", action="append", metavar="NAME=VALUE",
                    help="model config change, e.g. embed_dim=32 (repeatable)")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, 1 to 4 per core (default: torch's, one per core)")
     t.add_argument("--init", type=Path, default=None, metavar="PATH",
                    help="every run starts from the weights in PATH (best_model.pt or a "
                         "checkpoint)")
@@ -249,8 +254,9 @@ def _validate_common(args: argparse.Namespace) -> None:
     if args.task not in task_names():
         raise ValueError(f"unknown task {args.task!r}; known: {', '.join(task_names())}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        from evotorch_mqa_moe._internal.validate import check_threads
+
+        check_threads("--threads", args.threads)  # torch segfaults with 100,000
         import torch
 
         torch.set_num_threads(args.threads)
@@ -409,8 +415,39 @@ def _log_sink(args: argparse.Namespace) -> Any:
     return lambda message: tqdm.write(message, end="", file=sys.stderr)
 
 
+_SIGNALLED: list[int] = []  # SIGINTs received while this process starts or finishes
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (errors: one line on stderr, status 2)."""
+    """Entry point; returns the exit status (errors: one line on stderr, status 2).
+
+    Ctrl-C outside a run's generations (while torch and EvoTorch load, the task and
+    searcher are built, or the final files are written) ends with one line and status
+    130: libraries that turn the KeyboardInterrupt into another exception are recognised
+    by the signal having arrived."""
+    _SIGNALLED.clear()
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _main(argv)
+    except (Exception, KeyboardInterrupt):
+        if not _SIGNALLED:
+            raise
+        print("evotorch-mqa-moe: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logger.remove()  # the CLI owns the handlers; the library never configures them
     logger.add(_log_sink(args), level="WARNING" if getattr(args, "quiet", False) else "INFO",
@@ -450,9 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, TypeError, FileNotFoundError, FileExistsError,
             ModuleNotFoundError) as exc:  # ModuleNotFoundError: a missing extra (g2p)
+        if _SIGNALLED:  # Ctrl-C inside a library that re-raised it as something else
+            raise
         print(f"evotorch-mqa-moe: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a failed write (full disk, ...): one line, no traceback
+        if _SIGNALLED:
+            raise
         print(f"evotorch-mqa-moe: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0

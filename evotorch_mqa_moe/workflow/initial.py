@@ -20,6 +20,8 @@ from torch.nn.utils import parameters_to_vector
 
 from evotorch_mqa_moe.model import MQAMoETransformer, TransformerConfig, num_parameters
 
+from .checkpoint import checksum
+
 __all__ = ["load_initial_solution"]
 
 
@@ -71,6 +73,9 @@ def load_initial_solution(path: str | Path, config: TransformerConfig) -> Tensor
                              ) from None
         values = parameters_to_vector(model.parameters()).detach()
     elif "solution" in blob:
+        if "checksum" in blob and blob["checksum"] != checksum(blob):
+            raise ValueError(f"--init {path} fails its checksum: the checkpoint changed "
+                             "after it was written (a flipped bit, an edit)")
         values = torch.as_tensor(blob["solution"]).detach().to(torch.float32).reshape(-1)
     elif "searcher" in blob:
         raise ValueError(f"--init {path}: this checkpoint records no solution (written before "

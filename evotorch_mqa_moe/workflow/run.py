@@ -56,7 +56,12 @@ import torch
 from loguru import logger
 
 from evotorch_mqa_moe._internal.evotorch_compat import actors_started, sync_logger_step
-from evotorch_mqa_moe._internal.files import atomic_save, atomic_to_csv, atomic_write_text
+from evotorch_mqa_moe._internal.files import (
+    atomic_save,
+    atomic_to_csv,
+    atomic_write_text,
+    remove_stale_temporaries,
+)
 from evotorch_mqa_moe.model import TransformerConfig
 from evotorch_mqa_moe.problem import TransformerProblem
 from evotorch_mqa_moe.searchers import get_spec, make_searcher
@@ -65,8 +70,11 @@ from .checkpoint import (
     CHECKPOINT_VERSION,
     RUN_FILES,
     _check_finite,
+    _check_like_fresh,
+    _check_loaded,
     _check_resumable,
     _load_checkpoint,
+    checksum,
     load_model,
 )
 from .settings import RunSettings, resolved_settings, versions
@@ -263,6 +271,9 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
     """
     out = Path(out)
     checkpoint_path = out / "checkpoint.pt"
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other (--resume continues the "
+                         "run in the folder, --overwrite replaces it): give one")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is a file, not a folder")
     if resume and not checkpoint_path.is_file():
@@ -279,6 +290,8 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
     except OSError as exc:
         raise ValueError(f"cannot create output folder {out}: "
                          f"{exc.strerror or type(exc).__name__}") from None
+    for tmp in remove_stale_temporaries(out):  # left by a writer that was killed
+        logger.info(f"removed {tmp.name}, left by an interrupted write")
     task, config, problem, searcher = _build(settings)
     try:
         return _execute(settings, out, task, config, problem, searcher, resume=resume,
@@ -300,13 +313,17 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
     if resume:
         ckpt = _load_checkpoint(checkpoint_path)
         _check_resumable(checkpoint_path, ckpt, settings, config)
+        _check_like_fresh(checkpoint_path, ckpt["searcher"], searcher.state_dict())
         try:
             searcher.load_state_dict(ckpt["searcher"])
-        except (KeyError, TypeError, RuntimeError, IndexError) as exc:
+        except ValueError as exc:  # restore's own checks name the field
+            raise ValueError(f"{checkpoint_path}: {exc}") from None
+        except (KeyError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
             raise ValueError(f"{checkpoint_path}: the searcher state does not fit this "
                              f"searcher ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         _check_finite(checkpoint_path, searcher)
+        _check_loaded(checkpoint_path, ckpt, searcher)
         history, elapsed = ckpt["history"], float(ckpt["elapsed"])
         logger.info(f"resumed {settings.task}/{settings.searcher} at generation {len(history)}")
     saved = {"any": checkpoint_path.is_file()}
@@ -317,12 +334,13 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
                     f"{init_metrics.get(task.target_metric, float('nan')):.4g}")
 
     def save_checkpoint() -> None:
-        atomic_save({"version": CHECKPOINT_VERSION, "settings": settings.identity(),
-                      "resolved": resolved,
-                      "config": config.to_dict(), "searcher": searcher.state_dict(),
-                      "solution": searcher.current_solution().detach().cpu(),
-                      "history": history,
-                      "elapsed": elapsed}, checkpoint_path)
+        ckpt = {"version": CHECKPOINT_VERSION, "settings": settings.identity(),
+                "resolved": resolved, "config": config.to_dict(),
+                "searcher": searcher.state_dict(),
+                "solution": searcher.current_solution().detach().cpu(),
+                "history": history, "elapsed": elapsed}
+        ckpt["checksum"] = checksum(ckpt)
+        atomic_save(ckpt, checkpoint_path)
         saved["any"] = True
         _write_history(history, out / "history.csv")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from evotorch_mqa_moe._internal.validate import check_float, check_int
+from evotorch_mqa_moe._internal.validate import MAX_SEED, check_float, check_int
 from evotorch_mqa_moe.model import resolve_dtype
 from evotorch_mqa_moe.searchers import get_spec
 
@@ -87,7 +87,7 @@ load_initial_solution`; a model of another config is refused naming the field).
             setattr(self, name, check_int(name, getattr(self, name), none_ok=True))
         for name in ("eval_every", "checkpoint_every"):
             setattr(self, name, check_int(name, getattr(self, name)))
-        self.seed = check_int("seed", self.seed, 0)
+        self.seed = check_int("seed", self.seed, 0, MAX_SEED)
         if self.init is not None:
             if not isinstance(self.init, str | os.PathLike) or not str(self.init).strip():
                 raise ValueError(f"init must be a file path, got {self.init!r}")

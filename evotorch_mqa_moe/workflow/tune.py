@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,22 +45,22 @@ from typing import Any
 import torch
 from loguru import logger
 
-from evotorch_mqa_moe._internal.files import atomic_to_csv, atomic_write_text
-from evotorch_mqa_moe._internal.validate import check_float, check_int
-from evotorch_mqa_moe.searchers import get_spec
+from evotorch_mqa_moe._internal.validate import MAX_SEED, check_float, check_int, check_threads
+from evotorch_mqa_moe.searchers import get_spec, supports_gradients
 
 from .run import run
 from .settings import RunSettings
+from .study import GRACE_S, HEARTBEAT_S, _fail_dead_trials, _open_study
+from .tune_outputs import write_outputs
 
-__all__ = ["tune", "suggest", "trial_settings", "BEST_KEYS", "load_config", "metric_value"]
+__all__ = ["tune", "suggest", "trial_settings", "BEST_KEYS", "load_config", "metric_value",
+           "GRACE_S", "HEARTBEAT_S"]
 
 BEST_KEYS = ("task", "searcher", "popsize", "stdev", "searcher_options", "task_options",
              "model", "metric", "value")
 """The keys of ``best.json`` (the ``--config`` format); the settings are the first seven."""
 # recorded in best.json, ignored by --config
 _INFO_KEYS = ("study", "trial", "budget_evals", "seeds", "first_seed", "baseline_value")
-HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
-GRACE_S = 30  # a running trial without a heartbeat for this long is marked failed
 
 
 def metric_value(metrics: Mapping[str, float], metric: str, task: str) -> float:
@@ -129,39 +129,18 @@ def baseline_params(spec: Any, space: Mapping[str, tuple]) -> dict[str, Any] | N
     return params
 
 
-def _open_study(storage: str, study: str, sampler_seed: int):
-    """Create or load ``study`` in ``storage``; ValueError (one line) if it cannot be opened.
+def _check_metric(task_obj: Any, config: Any, metric: str, task: str, device: str) -> None:
+    """ValueError naming the known metrics when ``metric`` is not one of the task's held-out
+    metrics (or ``neg_NAME`` of one): found before any trial runs, from one evaluation of
+    a zero network."""
+    from evotorch_mqa_moe.problem import TransformerProblem
 
-    SQLite files get a 60 s lock timeout (workers writing at once wait rather than fail),
-    and a race of workers creating the same fresh database is retried. Running trials
-    send a heartbeat every ``HEARTBEAT_S`` seconds; a trial whose worker died (SIGKILL,
-    power loss) is marked failed once ``GRACE_S`` seconds passed without one, when any
-    worker of the study starts its next trial.
-    """
-    import optuna
-
-    for attempt in range(5):
-        try:
-            kwargs = ({"connect_args": {"timeout": 60}} if storage.startswith("sqlite:")
-                      else {})
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs,
-                                                 heartbeat_interval=HEARTBEAT_S,
-                                                 grace_period=GRACE_S)
-            return optuna.create_study(
-                storage=rdb, study_name=study, direction="maximize", load_if_exists=True,
-                sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-                pruner=optuna.pruners.MedianPruner())
-        except Exception as exc:  # sqlalchemy / driver errors of many kinds
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            if attempt < 4 and any(s in first for s in ("already exists", "locked",
-                                                          "UNIQUE constraint")):
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            raise ValueError(f"cannot open storage {storage!r}: {type(exc).__name__}: "
-                             f"{first}") from None
-    raise AssertionError("unreachable")
+    problem = TransformerProblem(task_obj, config, seed=0, device=device)
+    names = problem.metrics(torch.zeros(problem.solution_length))
+    try:
+        metric_value({k: 0.0 for k in names}, metric, task)
+    except _UnknownMetric as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _checkpoints(budget_evals: int, pieces: int) -> list[int]:
@@ -234,51 +213,6 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def _write_outputs(study: Any, out: Path, base: dict[str, Any], metric: str) -> dict | None:
-    """best.json, trials.csv and the plots; returns the best.json dict (None: no trial done)."""
-    import optuna
-
-    frame = study.trials_dataframe()
-    atomic_to_csv(frame, out / "trials.csv")
-    completed = [t for t in study.get_trials(deepcopy=False)
-                 if t.state == optuna.trial.TrialState.COMPLETE]
-    if not completed:
-        logger.warning(f"study {study.study_name}: no completed trial yet; no best.json")
-        return None
-    best_trial = max(completed, key=lambda t: t.value)
-    baseline = [t.value for t in completed if t.user_attrs.get("baseline")]
-    best = {"task": base["task"], "searcher": base["searcher"],
-            **trial_settings(best_trial.params),
-            "task_options": base["task_options"], "model": base["model"],
-            "metric": metric, "value": best_trial.value, "study": study.study_name,
-            "trial": best_trial.number, "budget_evals": base["budget_evals"],
-            "seeds": base["seeds"], "first_seed": base["first_seed"],
-            "baseline_value": baseline[0] if baseline else None}
-    atomic_write_text(json.dumps(best, indent=2) + "\n", out / "best.json")
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    plots = [("optimization_history.png", ovm.plot_optimization_history)]
-    if len(completed) >= 2 and best_trial.params:
-        plots.append(("param_importances.png", ovm.plot_param_importances))
-    for name, plot in plots:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # ExperimentalWarning of the matplotlib API
-                ax = plot(study)
-            fig = ax.figure
-            fig.tight_layout()
-            fig.savefig(out / name, dpi=100)
-            plt.close(fig)
-        except Exception as exc:  # e.g. importances of parameters that never varied
-            logger.warning(f"{name} not drawn: {type(exc).__name__}: {exc}")
-    return best
-
-
 def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int = 1,
          storage: str | None = None, study: str | None = None, out: str | Path,
          task_options: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
@@ -334,11 +268,11 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
         raise ValueError(f"unknown task {task!r}; known: {', '.join(task_names())}")
     spec = get_spec(searcher)  # ValueError naming the known searchers
     for name, value, low in (("trials", trials, 1), ("budget_evals", budget_evals, 1),
-                             ("seeds", seeds, 1), ("checkpoints", checkpoints, 1),
-                             ("sampler_seed", sampler_seed, 0),
-                             ("first_seed", first_seed, 0)):
+                             ("seeds", seeds, 1), ("checkpoints", checkpoints, 1)):
         check_int(name, value, low)
-    if check_int("threads", threads, none_ok=True) is not None:
+    check_int("sampler_seed", sampler_seed, 0, MAX_SEED)
+    check_int("first_seed", first_seed, 0, MAX_SEED - seeds)
+    if check_threads("threads", threads, none_ok=True) is not None:
         torch.set_num_threads(threads)
     space = dict(spec.search_space if space is None else space)
     _check_space(searcher, space)
@@ -347,11 +281,22 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     task_options = dict(task_options or {})
     model = dict(model or {})
     task_obj = make_task(task, **task_options)  # bad task options fail here, not per trial
+    if spec.needs_gradient and not supports_gradients(task_obj):
+        raise ValueError(f"{searcher} needs a supervised task (sample + loss) for its "
+                         f"gradients; {task!r} is not one")
+    config = task_obj.default_config()
     if model:
-        task_obj.default_config().replace(**model)
+        config = config.replace(**model)
     metric = metric or task_obj.target_metric
+    _check_metric(task_obj, config, metric, task, device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create output folder {out}: "
+                         f"{exc.strerror or type(exc).__name__}") from None
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study_name = study or f"{task}-{searcher}"
     study_obj = _open_study(storage, study_name, sampler_seed)
@@ -364,10 +309,16 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     base = {"task": task, "searcher": searcher, "task_options": task_options, "model": model,
             "budget_evals": budget_evals, "seeds": seeds, "first_seed": first_seed}
 
+    import socket
+
+    worker = (socket.gethostname(), os.getpid())
+    _fail_dead_trials(study_obj)
     usage_error: list[str] = []
     spent = {"runs": 0.0}  # wall time inside run(): the rest is the tuner's overhead
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker_host", worker[0])  # a killed worker's trial: failed
+        trial.set_user_attr("worker_pid", worker[1])  # by the next start (_fail_dead_trials)
         params = suggest(trial, space)
         chosen = trial_settings(params)
         folder = out / "trials" / study_name / str(trial.number)
@@ -434,7 +385,19 @@ def tune(task: str, searcher: str, *, trials: int, budget_evals: int, seeds: int
     if usage_error:
         raise ValueError(usage_error[0])
     optimize_s = time.perf_counter() - start
-    best = _write_outputs(study_obj, out, base, metric)
+    _fail_dead_trials(study_obj)
+
+    def best_of(best_trial: Any, completed: list) -> dict[str, Any]:
+        baseline = [t.value for t in completed if t.user_attrs.get("baseline")]
+        return {"task": base["task"], "searcher": base["searcher"],
+                **trial_settings(best_trial.params),
+                "task_options": base["task_options"], "model": base["model"],
+                "metric": metric, "value": best_trial.value, "study": study_obj.study_name,
+                "trial": best_trial.number, "budget_evals": base["budget_evals"],
+                "seeds": base["seeds"], "first_seed": base["first_seed"],
+                "baseline_value": baseline[0] if baseline else None}
+
+    best = write_outputs(study_obj, out, base, metric, best_of)
     total = time.perf_counter() - start
     overhead = total - spent["runs"]
     logger.info(f"tuner overhead (Optuna, database, outputs): {overhead:.2f} s of {total:.1f} s "
