@@ -595,6 +595,20 @@ def test_help_shows_defaults_and_every_run_option_has_help(capsys):
         assert action.help, action.option_strings
 
 
+@pytest.mark.parametrize("command", ["run", "compare", "tune"])
+def test_help_names_the_default_of_popsize_and_threads(command):
+    # both default to None, which argparse's formatter hides: the help text must say it
+    from evotorch_mqa_moe.workflow.cli import _HelpFormatter, _parser
+
+    parser = next(a for a in _parser()._actions if a.dest == "command").choices[command]
+    shown = {opt: _HelpFormatter("x")._get_help_string(a)
+             for a in parser._actions for opt in a.option_strings}
+    for option in ("--popsize", "--threads"):
+        if option in shown:
+            assert "default" in shown[option], (command, option, shown[option])
+    assert "--threads" in shown
+
+
 def test_list_prints_full_cmaes_max_value(capsys):
     from evotorch_mqa_moe.searchers import FULL_CMAES_MAX
 

@@ -223,3 +223,13 @@ def test_cartpole_example_scores_on_the_episodes_the_readme_states(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"held-out mean return over {episodes} fixed test episodes" in done.stdout
+
+
+def test_readme_searcher_list_names_every_registered_searcher():
+    from evotorch_mqa_moe.searchers import SEARCHERS
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("Searchers (one registry")
+    paragraph = readme[start:readme.index("\n\n", start)]
+    missing = [name for name in SEARCHERS if f"`{name}`" not in paragraph]
+    assert not missing, f"README's searcher list omits {missing}"

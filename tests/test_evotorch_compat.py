@@ -294,3 +294,18 @@ def test_clipup_velocity_round_trips_and_refuses_a_wrong_shape():
     with pytest.raises(ValueError, match=r"ClipUp velocity of shape \(2,\) for an optimiser "
                                          r"of shape \(3,\)"):
         compat.set_clipup_velocity(b, torch.zeros(2))
+
+
+def test_state_counter_and_popsize_names_are_in_evotorch_searcher_state(problem):
+    # the checkpoint checks read these leaves of a saved searcher state by name
+    from evotorch.algorithms import PGPE
+
+    from evotorch_mqa_moe.searchers.state import capture
+    from evotorch_mqa_moe.workflow.checkpoint import _leaves
+
+    searcher = PGPE(problem, popsize=4, center_learning_rate=0.1, stdev_learning_rate=0.1,
+                    stdev_init=0.05)
+    searcher.step()
+    names = {name.rsplit(".", 1)[-1] for name, _ in _leaves(capture(searcher), "s")}
+    assert set(compat.POPSIZE_FIELDS) & names
+    assert "_steps_count" in names and "_steps_count" in compat.STATE_COUNTERS

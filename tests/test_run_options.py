@@ -117,3 +117,27 @@ def test_cli_actors_give_the_same_run_as_without(tmp_path):
     assert remote_results["settings"]["num_actors"] == 2
     columns = ["evaluations", "best_fitness", "mean_fitness", "best_so_far", "exact_accuracy"]
     pd.testing.assert_frame_equal(local[columns], remote[columns], atol=1e-6, rtol=0)
+
+
+def test_log_lines_bounds_the_progress_lines_of_cheap_generations(tmp_path):
+    # adam's generation is one network (3 forward-equivalents): one log line per
+    # eval_every steps floods a compare; log_lines=5 gives about 5 over the budget
+    from loguru import logger
+
+    from evotorch_mqa_moe.workflow.run import run
+
+    settings = RunSettings(task="reverse", searcher="adam", max_evaluations=300,
+                           eval_every=1, model={"embed_dim": 8, "num_heads": 2,
+                                                "expert_dim": 8})
+    counts = {}
+    for log_lines in (None, 5):
+        lines = []
+        sink = logger.add(lines.append, level="INFO", format="{message}")
+        try:
+            results = run(settings, tmp_path / str(log_lines), log_lines=log_lines)
+        finally:
+            logger.remove(sink)
+        counts[log_lines] = sum(str(line).startswith("gen ") for line in lines)
+        assert results["total_time"] >= results["wall_time"] > 0
+    assert counts[None] == 100  # one per step
+    assert counts[5] in (5, 6)  # at 0, 1/5, ..., 4/5 of the budget, and the last step

@@ -174,7 +174,7 @@ def test_make_searcher_rejects_bad_arguments():
     problem = tiny_problem()
     with pytest.raises(ValueError, match="unknown searcher 'nope'; known: ga, "):
         make_searcher("nope", problem)
-    with pytest.raises(ValueError, match="stdev must be a positive number, got -1.0"):
+    with pytest.raises(ValueError, match=r"stdev must be a number in \(0, 1000\], got -1.0"):
         make_searcher("pgpe", problem, stdev=-1.0)
     with pytest.raises(ValueError, match="stdev.*nan"):
         make_searcher("pgpe", problem, stdev=float("nan"))

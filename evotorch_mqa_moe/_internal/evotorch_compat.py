@@ -36,6 +36,8 @@ __all__ = [
     "CALLBACK_ATTRIBUTES",
     "RAY_ATTRIBUTES",
     "NETWORK_ATTRIBUTES",
+    "STATE_COUNTERS",
+    "POPSIZE_FIELDS",
     "wrap_batch",
     "num_tournaments",
     "actors_started",
@@ -86,6 +88,14 @@ RAY_ATTRIBUTES = ("_actors", "_actor_pool")
 
 NETWORK_ATTRIBUTES = ("_original_network", "_network_args")
 """``NEProblem``'s network template and its arguments (rebuilt from the config)."""
+
+POPSIZE_FIELDS = ("popsize", "_popsize")
+"""Where a saved searcher state holds its population size (ours, EvoTorch's)."""
+
+STATE_COUNTERS = frozenset({"evaluations", "_steps_count", "steps", "step", "_data_epoch",
+                            "_eval_epoch", "data_epoch", "mu", "iter", "generation",
+                            *POPSIZE_FIELDS})
+"""Counters of a saved searcher state (ours and EvoTorch's): never negative."""
 
 
 def wrap_batch(problem: Problem, values: torch.Tensor,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from evotorch_mqa_moe._internal.evotorch_compat import POPSIZE_FIELDS, STATE_COUNTERS
 from evotorch_mqa_moe.model import TransformerConfig
 
 from .model_file import load_model  # noqa: F401 - re-exported: its home before model_file
@@ -68,9 +69,7 @@ def _leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path, tree
 
 
-# counters of a searcher state (EvoTorch's and ours): never negative
-_COUNTERS = {"evaluations", "_steps_count", "steps", "step", "_data_epoch", "_eval_epoch",
-             "data_epoch", "popsize", "_popsize", "mu", "iter", "generation"}
+_COUNTERS = STATE_COUNTERS  # never negative in a searcher state
 
 
 def _check_values(path: Path, ckpt: dict[str, Any]) -> None:
@@ -81,6 +80,9 @@ def _check_values(path: Path, ckpt: dict[str, Any]) -> None:
     elapsed = ckpt["elapsed"]
     if not (math.isfinite(elapsed) and elapsed >= 0):
         raise ValueError(f"{path}: 'elapsed' must be a finite number >= 0, got {elapsed!r}")
+    total = ckpt.get("total_time", 0.0)  # absent before total time was recorded
+    if not (isinstance(total, int | float) and math.isfinite(total) and total >= 0):
+        raise ValueError(f"{path}: 'total_time' must be a finite number >= 0, got {total!r}")
     for name, leaf in _leaves(ckpt["searcher"], "searcher"):
         last = name.rsplit(".", 1)[-1]
         if isinstance(leaf, torch.Tensor) and leaf.dtype != torch.uint8:  # uint8: RNG states
@@ -127,7 +129,7 @@ def _check_like_fresh(path: Path, saved: dict[str, Any], fresh: dict[str, Any]) 
         if want is not None and got is not None and want != got:
             raise ValueError(f"{path}: {name} is {got} ({leaf!r:.40}), this searcher keeps "
                              f"{want} there")
-        if (name.rsplit(".", 1)[-1] in ("popsize", "_popsize") and isinstance(leaf, int)
+        if (name.rsplit(".", 1)[-1] in POPSIZE_FIELDS and isinstance(leaf, int)
                 and leaf != ours[name]):
             raise ValueError(f"{path}: {name} is {leaf!r}, this run's searcher has "
                              f"{ours[name]!r} (other --popsize?)")

@@ -459,18 +459,14 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "sample":  # needs torch, not EvoTorch
         return _sample(args)
     # `--help` and `list` end above: torch and EvoTorch load only for real work
-    if getattr(args, "logger", None):
-        from .loggers import check_loggers
-
-        try:  # a missing package is known before anything loads or runs
-            check_loggers(args.logger)
-        except ValueError as exc:
-            print(f"evotorch-mqa-moe: error: {exc}", file=sys.stderr)
-            return 2
-    from evotorch_mqa_moe._internal.evotorch_compat import quiet_evotorch_loggers
-
-    quiet_evotorch_loggers()
     try:
+        if getattr(args, "logger", None):  # a missing package: known before EvoTorch loads
+            from .loggers import check_loggers
+
+            check_loggers(args.logger)
+        from evotorch_mqa_moe._internal.evotorch_compat import quiet_evotorch_loggers
+
+        quiet_evotorch_loggers()
         _validate_common(args)
         if args.command == "tune":
             _tune(args)

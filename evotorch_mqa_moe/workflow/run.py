@@ -242,7 +242,7 @@ def _stop_at_generation_end() -> Iterator[dict[str, Any]]:
 
 def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
         overwrite: bool = False, callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
-        progress: bool = False) -> dict[str, Any]:
+        progress: bool = False, log_lines: int | None = None) -> dict[str, Any]:
     """Run ``settings`` writing to folder ``out``; returns what ``results.json`` holds.
 
     Args:
@@ -259,6 +259,10 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
         progress: draw a progress bar toward the budget on stderr (tqdm; its
             percentage is the furthest of the limits: generations, forward-equivalents,
             seconds), with an ETA. The log lines are unchanged.
+        log_lines: about this many progress log lines over the budget (one each time
+            another ``1/log_lines`` of it is spent, on a held-out generation), so that
+            cheap generations (adam: one network) do not flood the log; ``None``: one
+            every ``eval_every`` generations.
 
     Raises:
         FileNotFoundError: ``resume`` without ``out/checkpoint.pt``.
@@ -295,7 +299,7 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
     task, config, problem, searcher = _build(settings)
     try:
         return _execute(settings, out, task, config, problem, searcher, resume=resume,
-                        callbacks=list(callbacks), progress=progress)
+                        callbacks=list(callbacks), progress=progress, log_lines=log_lines)
     finally:
         if actors_started(problem):
             problem.kill_actors()
@@ -304,12 +308,15 @@ def run(settings: RunSettings, out: str | Path, *, resume: bool = False,
 def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerConfig,
              problem: TransformerProblem, searcher: Any, *, resume: bool,
              callbacks: list[Callable[[dict[str, Any]], Any]],
-             progress: bool) -> dict[str, Any]:
+             progress: bool, log_lines: int | None) -> dict[str, Any]:
     """The body of :func:`run` once the searcher is built."""
     checkpoint_path = out / "checkpoint.pt"
     history: list[dict[str, Any]] = []
-    elapsed = 0.0
+    elapsed, before, started = 0.0, 0.0, time.perf_counter()
     resolved = resolved_settings(settings)
+
+    def total_time() -> float:  # clock time of every invocation of this run so far
+        return before + time.perf_counter() - started
     if resume:
         ckpt = _load_checkpoint(checkpoint_path)
         _check_resumable(checkpoint_path, ckpt, settings, config)
@@ -325,6 +332,7 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
         _check_finite(checkpoint_path, searcher)
         _check_loaded(checkpoint_path, ckpt, searcher)
         history, elapsed = ckpt["history"], float(ckpt["elapsed"])
+        before = float(ckpt.get("total_time", elapsed))
         logger.info(f"resumed {settings.task}/{settings.searcher} at generation {len(history)}")
     saved = {"any": checkpoint_path.is_file()}
     init_metrics = None
@@ -338,7 +346,7 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
                 "resolved": resolved, "config": config.to_dict(),
                 "searcher": searcher.state_dict(),
                 "solution": searcher.current_solution().detach().cpu(),
-                "history": history, "elapsed": elapsed}
+                "history": history, "elapsed": elapsed, "total_time": total_time()}
         ckpt["checksum"] = checksum(ckpt)
         atomic_save(ckpt, checkpoint_path)
         saved["any"] = True
@@ -354,6 +362,7 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
                 f"parameters, {where}, output {out}")
     bar = _ProgressBar(settings, len(history), searcher.evaluations, elapsed) if progress \
         else None
+    next_log = 0.0  # the budget fraction at which the next log line is due (log_lines)
     try:
         with _stop_at_generation_end() as stop:
             while not done(len(history)):
@@ -379,7 +388,11 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
                 if bar is not None:
                     bar.update(gen, row["evaluations"], elapsed,
                                row.get(metric) if metric in row else None, metric)
-                if gen % settings.eval_every == 0 or last:
+                spent = budget_fraction(settings, gen, row["evaluations"], elapsed)
+                if (gen % settings.eval_every == 0 or last) and (
+                        log_lines is None or last or spent >= next_log):
+                    if log_lines is not None:
+                        next_log = (math.floor(spent * log_lines) + 1) / log_lines
                     rate = row["evaluations"] / max(elapsed, 1e-9)
                     held = f" | {metric} {row[metric]:.4g}" if metric in row else ""
                     # the unit is the budget's: one forward of one individual on one batch
@@ -422,6 +435,7 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
         "parameters": problem.solution_length, "target_metric": metric,
         "final_metrics": final, "generations": len(history),
         "evaluations": searcher.evaluations, "wall_time": elapsed,
+        "total_time": total_time(),  # wall_time plus held-out evaluation, checkpoints, ...
         "stopped_by": limit,
         "popsize": getattr(searcher, "popsize", settings.popsize),
         "ray_actors_used": actors_started(problem),
@@ -432,8 +446,19 @@ def _execute(settings: RunSettings, out: Path, task: Any, config: TransformerCon
     }
     atomic_write_text(json.dumps(results, indent=2), out / "results.json")
     logger.info(f"done: {metric} = {final.get(metric, float('nan')):.4g} after "
-                f"{results['evaluations']:,} forward-equivalents in {elapsed:.1f} s -> {out}")
+                f"{results['evaluations']:,} forward-equivalents in {elapsed:.1f} s of search "
+                f"({results['total_time']:.1f} s in all) -> {out}")
     return results
+
+
+def budget_fraction(settings: RunSettings, generation: int, evaluations: int,
+                    elapsed: float) -> float:
+    """The share of the budget spent, 0..1: the furthest of the run's limits."""
+    s = settings
+    parts = [generation / s.generations if s.generations else 0.0,
+             evaluations / s.max_evaluations if s.max_evaluations else 0.0,
+             elapsed / s.max_seconds if s.max_seconds else 0.0]
+    return min(1.0, max(parts))
 
 
 class _ProgressBar:
@@ -457,11 +482,7 @@ class _ProgressBar:
                                    "[{elapsed}<{remaining}{postfix}]")
 
     def _percent(self, generation: int, evaluations: int, elapsed: float) -> float:
-        s = self.settings
-        parts = [generation / s.generations if s.generations else 0.0,
-                 evaluations / s.max_evaluations if s.max_evaluations else 0.0,
-                 elapsed / s.max_seconds if s.max_seconds else 0.0]
-        return 100.0 * min(1.0, max(parts))
+        return 100.0 * budget_fraction(self.settings, generation, evaluations, elapsed)
 
     def update(self, generation: int, evaluations: int, elapsed: float,
                value: float | None, metric: str) -> None:
