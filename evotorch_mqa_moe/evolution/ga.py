@@ -123,6 +123,12 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
     def num_elites(self) -> int | None:
         return self._num_elites
 
+    def replace_population(self, values: torch.Tensor) -> None:
+        """Replace the population's values (same shape); all are scored again at the
+        start of the next step, on that step's data."""
+        self._population.set_values(values)
+        self._needs_eval = True
+
     @property
     def step_size(self) -> SelfAdaptiveStepSize | SuccessRule | None:
         return self._step_size

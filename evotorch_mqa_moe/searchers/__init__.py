@@ -9,6 +9,7 @@ them all, in the order ``evotorch-mqa-moe list`` shows them:
 * :mod:`.lamarck`, :mod:`.pbt`: hybrids built on :mod:`.gradients`,
   :mod:`.population_optim` and :mod:`.hybrid`;
 * :mod:`.lowrank_es`: the low-rank evolution strategy;
+* :mod:`.lowrank_ga`: our GA on compact (centre + low-rank factor) genomes;
 * :mod:`.reinforce`: policy gradient on the sequence reward (group-mean baseline).
 """
 
@@ -21,6 +22,7 @@ from . import backprop  # noqa: F401  (adam)
 from . import lamarck  # noqa: F401  (lamarck, baldwin)
 from . import pbt  # noqa: F401  (pbt)
 from . import lowrank_es  # noqa: F401  (lowrank-es)
+from . import lowrank_ga  # noqa: F401  (lowrank-ga)
 from . import reinforce  # noqa: F401  (reinforce)
 # isort: on
 from .evotorch_algorithms import (

@@ -41,6 +41,7 @@ SEARCHERS: tuple[tuple[str, int, bool, str], ...] = (
     ('baldwin', 8, True, 'GA whose children are scored after k gradient steps; genomes untrained'),
     ('pbt', 8, True, 'population-based training: per-individual lr and beta1, exploit and explore'),
     ('lowrank-es', 200, False, 'evolution strategy over low-rank populations (EGGROLL): shared weights + rank-r factors per individual, regenerated from seeds, antithetic, centred ranks, ClipUp'),  # noqa: E501
+    ('lowrank-ga', 50, False, "our GA on compact genomes: shared centre + rank-r factors per matrix (cross-over swaps whole tensors), for the seed's scale"),  # noqa: E501
     ('reinforce', 8, False, 'policy gradient on the sequence reward, group-mean baseline (GRPO-like; one network, popsize = samples per example)'),  # noqa: E501
 )
 # --- end of generated tables ---
