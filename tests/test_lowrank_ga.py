@@ -99,7 +99,7 @@ def test_the_searcher_resumes_exactly(device):
     # re-centred after every step: the scores are forgotten, the best is the centre
     assert math.isfinite(searcher.status["mean_eval"])
     assert math.isfinite(searcher.status["pop_best_eval"])
-    assert torch.equal(searcher.current_solution(), searcher.problem.shared)
+    assert torch.equal(searcher.current_solution(), searcher.genomes.shared)
     state = searcher.state_dict()
     searcher.step()
     searcher.step()
@@ -109,7 +109,7 @@ def test_the_searcher_resumes_exactly(device):
     resumed.step()
     assert torch.equal(resumed.current_solution(), searcher.current_solution())
     assert resumed.evaluations == searcher.evaluations
-    assert searcher.current_solution().shape == (searcher.problem.outer.solution_length,)
+    assert searcher.current_solution().shape == (searcher.problem.solution_length,)
     assert torch.isfinite(searcher.current_solution()).all()
 
 

@@ -129,7 +129,7 @@ class EvoTorchSearcher:
         self._best_eval = float(state["best_eval"])
 
     def _dry_step(self) -> None:
-        problem = self.problem
+        problem = self.algorithm.problem  # the one that evaluates (lowrank-ga: the genomes')
 
         def zero_fitness(batch: Any) -> None:
             batch.set_evals(torch.zeros(len(batch), dtype=problem.eval_dtype,

@@ -206,6 +206,19 @@ class LowRankGASearcher(EvoTorchSearcher):
         super().__init__(algorithm, popsize=popsize)
         self.recentre_every = check_int("recentre_every", recentre_every, 0)
 
+    @property
+    def genomes(self) -> LowRankGenomeProblem:
+        """The problem the GA runs on (its solutions are genomes)."""
+        return self.algorithm.problem
+
+    @property
+    def problem(self) -> TransformerProblem:
+        return self.genomes.outer
+
+    @property
+    def evaluations(self) -> int:
+        return int(self.genomes.evaluations)
+
     def step(self) -> None:
         super().step()
         every = self.recentre_every
@@ -218,7 +231,7 @@ class LowRankGASearcher(EvoTorchSearcher):
             best = int(best_first(population.evals[:, 0].as_subclass(Tensor),
                                   maximize=True)[0])
             values = population.values.as_subclass(Tensor)
-            self.algorithm.replace_population(self.problem.recentre(values, best))
+            self.algorithm.replace_population(self.genomes.recentre(values, best))
         else:
             self._status = {}
 
@@ -231,9 +244,9 @@ class LowRankGASearcher(EvoTorchSearcher):
         scores are then forgotten until the next step), else the best genome's."""
         evals = self.algorithm.population.evals[:, 0].as_subclass(Tensor)
         if bool(torch.isnan(evals).all()):
-            return self.problem.shared.clone()
+            return self.genomes.shared.clone()
         best = self.algorithm.status["pop_best"].values.as_subclass(Tensor).detach()
-        return self.problem.dense(best[None])[0]
+        return self.genomes.dense(best[None])[0]
 
 
 def build_lowrank_ga(problem: TransformerProblem, *, popsize: int, stdev: float,
