@@ -198,8 +198,9 @@ class LowRankGASearcher(EvoTorchSearcher):
     """The GA over genomes; :meth:`current_solution` is the best ``(N,)`` network.
 
     Every ``recentre_every`` generations (``0``: never) the best genome is folded into the
-    centre (:meth:`LowRankGenomeProblem.recentre`) and the population is scored again
-    on the next generation's batch (``popsize`` more forward-equivalents).
+    centre (:meth:`LowRankGenomeProblem.recentre`) at the start of the next step, which
+    then scores the whole population again on its batch (``popsize`` more
+    forward-equivalents).
     """
 
     def __init__(self, algorithm: Any, *, popsize: int, recentre_every: int = 0):
@@ -220,31 +221,20 @@ class LowRankGASearcher(EvoTorchSearcher):
         return int(self.genomes.evaluations)
 
     def step(self) -> None:
-        super().step()
-        every = self.recentre_every
-        if every and self.algorithm.step_count % every == 0:
-            # this generation's status, before re-centring forgets the scores
-            self._status = {key: self.algorithm.status[key]
-                            for key in ("pop_best_eval", "mean_eval", "median_eval")
-                            if key in self.algorithm.status}
+        """Re-centre on the last generation's best when one is due, then one GA step.
+        (Re-centring first keeps the population scored between steps, so checkpoints
+        and ``current_solution`` always see real fitness values.)"""
+        every, done = self.recentre_every, self.algorithm.step_count
+        if every and done and done % every == 0:
             population = self.algorithm.population
             best = int(best_first(population.evals[:, 0].as_subclass(Tensor),
                                   maximize=True)[0])
             values = population.values.as_subclass(Tensor)
             self.algorithm.replace_population(self.genomes.recentre(values, best))
-        else:
-            self._status = {}
-
-    @property
-    def status(self) -> dict[str, Any]:
-        return {**super().status, **self.__dict__.get("_status", {})}
+        super().step()
 
     def current_solution(self) -> Tensor:
-        """(N,) the best network: the centre right after re-centring (the population's
-        scores are then forgotten until the next step), else the best genome's."""
-        evals = self.algorithm.population.evals[:, 0].as_subclass(Tensor)
-        if bool(torch.isnan(evals).all()):
-            return self.genomes.shared.clone()
+        """(N,) the best genome's network."""
         best = self.algorithm.status["pop_best"].values.as_subclass(Tensor).detach()
         return self.genomes.dense(best[None])[0]
 
