@@ -126,3 +126,10 @@ def test_the_seed_preset_genome_is_232_288_numbers():
 def test_bad_options_are_refused_naming_them(device, options, name):
     with pytest.raises(ValueError, match=name):
         make_searcher("lowrank-ga", _problem(device), popsize=8, **options)
+
+
+def test_replace_population_refuses_another_shape(device):
+    searcher = make_searcher("lowrank-ga", _problem(device), popsize=8)
+    searcher.step()
+    with pytest.raises(ValueError, match=r"shape \(8, "):
+        searcher.algorithm.replace_population(torch.zeros(3, 4, device=device))

@@ -126,6 +126,10 @@ class SeedGeneticAlgorithm(GeneticAlgorithm):
     def replace_population(self, values: torch.Tensor) -> None:
         """Replace the population's values (same shape); all are scored again at the
         start of the next step, on that step's data."""
+        shape = tuple(self._population.values.shape)
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != shape:
+            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(f"replace_population takes values of shape {shape}, got {got}")
         self._population.set_values(values)
         self._needs_eval = True
 
